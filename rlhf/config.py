@@ -1,0 +1,425 @@
+"""Typed schema of a run, registered in Hydra's ConfigStore, and its start-up validation.
+
+``conf/train.yaml`` composes the groups on top of ``TrainConfig``, so OmegaConf checks types
+(``kl.beta=abc`` fails) and unknown keys (``kl.betta=1`` fails). ``validate`` checks ranges and
+relations before any model is built; each error names the full key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TinyModelConfig:
+    """Architecture and supervised warm-up of the built-in tiny actor (used when ``model.path`` is null)."""
+
+    # Qwen2 architecture of the tiny actor.
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 128
+    # Supervised warm-up: it stops at the first check where held-out accuracy reaches this share.
+    warmup_target_accuracy: float = 0.3
+    # Upper bound on warm-up optimizer steps.
+    warmup_max_steps: int = 2000
+    # Warm-up batch size and learning rate.
+    warmup_batch_size: int = 64
+    warmup_lr: float = 3e-3
+    # Held-out accuracy is checked every this many warm-up steps.
+    warmup_eval_every: int = 25
+    # Seed of the model's initialisation and warm-up.
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """Actor (and from it reference and critic): read by ``rlhf.models``."""
+
+    # Hub id or local folder of a causal LM; null builds the tiny actor for the task below.
+    path: str | None = None
+    # Weights dtype: float32, bfloat16 or float16.
+    dtype: str = "float32"
+    # Critic shares the actor's trunk (one optimizer, loss = pg + vf_coef * vf) instead of a copy.
+    shared_critic: bool = False
+    # Where built tiny models are cached (keyed by their config); null = $RLHF_CACHE or ~/.cache/rlhf.
+    cache_dir: str | None = None
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class RewardConfig:
+    """How responses are scored: read by ``rlhf.reward``."""
+
+    # "function": a Python callable (prompts, responses) -> scores from ``fn``;
+    # "model": a Hugging Face sequence classifier at ``path`` with its own tokenizer.
+    kind: str = "function"
+    # Hydra node of the reward callable, e.g. {_target_: pkg.mod.fn, _partial_: true}.
+    fn: Any = None
+    # Hub id or local folder of the reward model (kind=model).
+    path: str | None = None
+    # Maximum reward-model input length in its own tokens (kind=model).
+    max_length: int = 512
+    # Reward-model forward batch size (kind=model).
+    batch_size: int = 16
+    # Score given instead when a response hits max_new_tokens without EOS; null = keep the score.
+    missing_eos_penalty: float | None = None
+
+
+@dataclass
+class KLConfig:
+    """KL penalty to the reference: read by ``rlhf.kl`` (controller) and the experience step."""
+
+    # "fixed" or "adaptive" (Ziegler et al. 2019).
+    controller: str = "fixed"
+    # KL coefficient (initial value for the adaptive controller).
+    beta: float = 0.05
+    # Per-token estimator in the reward: k1, k2 or k3.
+    estimator: str = "k1"
+    # Adaptive controller: KL (per sequence, summed over tokens) to steer towards.
+    target: float | None = None
+    # Adaptive controller: samples over which the error is corrected.
+    horizon: int | None = None
+
+
+@dataclass
+class GAEConfig:
+    """Advantage estimation: read by the experience step (``rlhf.gae``)."""
+
+    # Discount factor.
+    gamma: float = 1.0
+    # GAE lambda.
+    lam: float = 0.95
+    # Normalise the KL-shaped rewards (masked, keeping their mean) before GAE.
+    whiten_rewards: bool = False
+    # Normalise advantages to zero mean, unit variance over the batch's action tokens.
+    whiten_advantages: bool = True
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizers of the actor and the critic: read by the trainer. Nodes are instantiated
+    with ``_partial_: true`` and then given the parameters."""
+
+    actor: Any = MISSING
+    critic: Any = MISSING
+
+
+@dataclass
+class HardwareConfig:
+    """Device and precision: read by ``rlhf.hardware``."""
+
+    # "cpu" or "cuda".
+    device: str = "cpu"
+    # Autocast dtype for forwards ("float32" = no autocast).
+    autocast_dtype: str = "float32"
+    # torch intra-op threads; null leaves torch's default.
+    num_threads: int | None = 1
+
+
+@dataclass
+class DataConfig:
+    """Prompts: read by ``rlhf.data``."""
+
+    # Built-in task that generates prompts: "arithmetic".
+    task: str = "arithmetic"
+    # Operands are drawn from 0..max_operand.
+    max_operand: int = 19
+    # Number of held-out prompts (never trained on).
+    num_eval: int = 64
+    # Seed of the split.
+    seed: int = 0
+    # Maximum prompt length in actor tokens, after the chat template.
+    max_prompt_length: int = 32
+
+
+@dataclass
+class RolloutConfig:
+    """Generation: read by ``rlhf.rollout``."""
+
+    # Prompts per PPO step.
+    batch_size: int = 64
+    # Maximum response length in tokens.
+    max_new_tokens: int = 4
+    # Sampling temperature (also applied to the log-probs used for PPO).
+    temperature: float = 1.0
+
+
+@dataclass
+class PPOConfig:
+    """PPO update: read by the trainer's update step (``rlhf.losses``)."""
+
+    # Passes over the rollout batch.
+    epochs: int = 4
+    # Samples per mini-batch; must divide rollout.batch_size.
+    minibatch_size: int = 16
+    # Policy ratio clip range epsilon.
+    clip_eps: float = 0.2
+    # Value clip range around the old values; null = no value clipping.
+    value_clip_eps: float | None = None
+    # Weight of the value loss.
+    vf_coef: float = 0.5
+    # Weight of the entropy bonus.
+    entropy_coef: float = 0.0
+    # Gradient norm clip per model.
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases: read by ``rlhf.tracking``."""
+
+    # online, offline or disabled; null = online if an API key is configured, else offline.
+    mode: str | None = None
+    # W&B project.
+    project: str = "rlhf"
+    # W&B entity (team or user); null = your default.
+    entity: str | None = None
+    # Run group; null = the Hydra sweep dir for multirun jobs, none for single runs.
+    group: str | None = None
+    # Run name; null = the command-line overrides (or "default").
+    name: str | None = None
+    # Run tags.
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics file, W&B and console: read by ``rlhf.tracking``."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # A table of (prompt, response, score) samples is logged every this many steps.
+    samples_every: int = 10
+    # Rows in that table.
+    num_samples: int = 8
+    # Show a progress bar over PPO steps.
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: read by ``rlhf.trainer``."""
+
+    # Number of PPO iterations (rollout + update).
+    steps: int = 60
+    # Held-out evaluation every this many steps (and at the start and end).
+    eval_every: int = 20
+    # Run directory; null = Hydra's output dir.
+    output_dir: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """The whole run. Field order is the order of sections in the resolved config."""
+
+    # Seed of sampling, shuffling and value-head init.
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    gae: GAEConfig = field(default_factory=GAEConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so ``conf/train.yaml`` can list ``train_schema`` first in its defaults."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A config value is out of range or inconsistent with another."""
+
+
+def _check(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _positive(key: str, value: float) -> None:
+    _check(value > 0, key, value, "must be > 0")
+
+
+def _unit_interval(key: str, value: float) -> None:
+    _check(0.0 <= value <= 1.0, key, value, "must be in [0, 1]")
+
+
+def validate(cfg: Any) -> None:
+    """Check ranges and relations of a composed config; raise ``ConfigError`` naming the key."""
+    _check(
+        cfg.model.dtype in ("float32", "bfloat16", "float16"),
+        "model.dtype",
+        cfg.model.dtype,
+        "one of float32, bfloat16, float16",
+    )
+    tiny = cfg.model.tiny
+    for name in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "warmup_batch_size",
+        "warmup_eval_every",
+    ):
+        _positive(f"model.tiny.{name}", getattr(tiny, name))
+    _check(
+        tiny.warmup_max_steps >= 0,
+        "model.tiny.warmup_max_steps",
+        tiny.warmup_max_steps,
+        "must be >= 0",
+    )
+    _unit_interval("model.tiny.warmup_target_accuracy", tiny.warmup_target_accuracy)
+    _positive("model.tiny.warmup_lr", tiny.warmup_lr)
+    _check(
+        tiny.hidden_size % tiny.num_attention_heads == 0,
+        "model.tiny.hidden_size",
+        tiny.hidden_size,
+        f"must be a multiple of model.tiny.num_attention_heads={tiny.num_attention_heads}",
+    )
+    _check(
+        tiny.num_attention_heads % tiny.num_key_value_heads == 0,
+        "model.tiny.num_key_value_heads",
+        tiny.num_key_value_heads,
+        f"must divide model.tiny.num_attention_heads={tiny.num_attention_heads}",
+    )
+
+    _check(
+        cfg.reward.kind in ("function", "model"),
+        "reward.kind",
+        cfg.reward.kind,
+        "one of function, model",
+    )
+    if cfg.reward.kind == "function":
+        _check(
+            cfg.reward.fn is not None,
+            "reward.fn",
+            cfg.reward.fn,
+            "reward.kind=function needs a node like {_target_: pkg.module.fn, _partial_: true}",
+        )
+    else:
+        _check(
+            bool(cfg.reward.path),
+            "reward.path",
+            cfg.reward.path,
+            "reward.kind=model needs a hub id or folder",
+        )
+    _positive("reward.max_length", cfg.reward.max_length)
+    _positive("reward.batch_size", cfg.reward.batch_size)
+
+    _check(
+        cfg.kl.controller in ("fixed", "adaptive"),
+        "kl.controller",
+        cfg.kl.controller,
+        "one of fixed, adaptive",
+    )
+    _check(cfg.kl.beta >= 0, "kl.beta", cfg.kl.beta, "must be >= 0")
+    _check(
+        cfg.kl.estimator in ("k1", "k2", "k3"),
+        "kl.estimator",
+        cfg.kl.estimator,
+        "one of k1, k2, k3",
+    )
+    if cfg.kl.controller == "adaptive":
+        _check(
+            cfg.kl.target is not None and cfg.kl.target > 0,
+            "kl.target",
+            cfg.kl.target,
+            "kl.controller=adaptive needs a target > 0",
+        )
+        _check(
+            cfg.kl.horizon is not None and cfg.kl.horizon > 0,
+            "kl.horizon",
+            cfg.kl.horizon,
+            "kl.controller=adaptive needs a horizon > 0",
+        )
+
+    _unit_interval("gae.gamma", cfg.gae.gamma)
+    _unit_interval("gae.lam", cfg.gae.lam)
+
+    _check(
+        cfg.hardware.device in ("cpu", "cuda"),
+        "hardware.device",
+        cfg.hardware.device,
+        "one of cpu, cuda",
+    )
+    _check(
+        cfg.hardware.autocast_dtype in ("float32", "bfloat16", "float16"),
+        "hardware.autocast_dtype",
+        cfg.hardware.autocast_dtype,
+        "one of float32, bfloat16, float16",
+    )
+    if cfg.hardware.num_threads is not None:
+        _positive("hardware.num_threads", cfg.hardware.num_threads)
+
+    _check(
+        cfg.data.task == "arithmetic",
+        "data.task",
+        cfg.data.task,
+        "the built-in task is 'arithmetic'",
+    )
+    _check(
+        cfg.data.max_operand >= 1,
+        "data.max_operand",
+        cfg.data.max_operand,
+        "must be >= 1",
+    )
+    num_pairs = (cfg.data.max_operand + 1) ** 2
+    _check(
+        0 < cfg.data.num_eval < num_pairs,
+        "data.num_eval",
+        cfg.data.num_eval,
+        f"must be in [1, {num_pairs - 1}] (there are {num_pairs} distinct prompts)",
+    )
+    _positive("data.max_prompt_length", cfg.data.max_prompt_length)
+
+    _positive("rollout.batch_size", cfg.rollout.batch_size)
+    _positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
+    _positive("rollout.temperature", cfg.rollout.temperature)
+
+    _positive("ppo.epochs", cfg.ppo.epochs)
+    _positive("ppo.minibatch_size", cfg.ppo.minibatch_size)
+    _check(
+        cfg.rollout.batch_size % cfg.ppo.minibatch_size == 0,
+        "ppo.minibatch_size",
+        cfg.ppo.minibatch_size,
+        f"must divide rollout.batch_size={cfg.rollout.batch_size}",
+    )
+    _positive("ppo.clip_eps", cfg.ppo.clip_eps)
+    if cfg.ppo.value_clip_eps is not None:
+        _positive("ppo.value_clip_eps", cfg.ppo.value_clip_eps)
+    _check(cfg.ppo.vf_coef >= 0, "ppo.vf_coef", cfg.ppo.vf_coef, "must be >= 0")
+    _check(
+        cfg.ppo.entropy_coef >= 0,
+        "ppo.entropy_coef",
+        cfg.ppo.entropy_coef,
+        "must be >= 0",
+    )
+    _positive("ppo.max_grad_norm", cfg.ppo.max_grad_norm)
+
+    _check(
+        cfg.logging.wandb.mode in (None, "online", "offline", "disabled"),
+        "logging.wandb.mode",
+        cfg.logging.wandb.mode,
+        "one of online, offline, disabled (or null for automatic)",
+    )
+    _positive("logging.samples_every", cfg.logging.samples_every)
+    _check(
+        cfg.logging.num_samples >= 0,
+        "logging.num_samples",
+        cfg.logging.num_samples,
+        "must be >= 0",
+    )
+
+    _check(cfg.trainer.steps >= 0, "trainer.steps", cfg.trainer.steps, "must be >= 0")
+    _positive("trainer.eval_every", cfg.trainer.eval_every)

@@ -1,0 +1,90 @@
+"""Experience: everything PPO needs about a rollout, computed once without gradients.
+
+Numbers come from the pure math modules (``rlhf.kl``, ``rlhf.gae``, ``rlhf.masked``); this module
+only runs the models and puts the results in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from rlhf.gae import compute_gae
+from rlhf.kl import kl_estimate, shape_rewards
+from rlhf.losses import logprobs_from_logits
+from rlhf.masked import masked_whiten
+from rlhf.models import action_logits, action_values
+from rlhf.rollout import Samples
+
+
+@dataclass
+class Experience:
+    """What PPO needs. B samples, T = P + A sequence positions, A response positions."""
+
+    sequences: torch.Tensor  # (B, T) prompt (left-padded) then response (right-padded)
+    attention_mask: torch.Tensor  # (B, T) 1 for real tokens
+    action_mask: torch.Tensor  # (B, A) bool, True for response tokens up to and including EOS
+    old_logprobs: torch.Tensor  # (B, A) log pi_old(a_t | s_t) of the actor that sampled
+    ref_logprobs: torch.Tensor  # (B, A) log pi_ref(a_t | s_t) of the frozen reference
+    old_values: torch.Tensor  # (B, A) V(s_t) of the critic before the update
+    kl: torch.Tensor  # (B, A) per-token KL estimate (kl.estimator) to the reference
+    scores: torch.Tensor  # (B,) reward of each response (after any missing-EOS penalty)
+    rewards: torch.Tensor  # (B, A) -beta * kl on every action, plus the score on the last one
+    advantages: torch.Tensor  # (B, A) GAE advantages (whitened if configured), 0 where masked
+    returns: torch.Tensor  # (B, A) advantages + values before whitening: the critic's targets
+
+    def select(self, index: torch.Tensor) -> Experience:
+        """The rows ``index`` (a mini-batch), every field sliced the same way."""
+        return Experience(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+@torch.no_grad()
+def compute_logprobs(model, samples: Samples, temperature: float) -> torch.Tensor:
+    """(B, A) log-probs of the sampled response tokens under ``model``."""
+    logits = action_logits(model, samples.sequences, samples.attention_mask, samples.num_actions, temperature)
+    return logprobs_from_logits(logits, samples.sequences[:, -samples.num_actions :])
+
+
+@torch.no_grad()
+def make_experience(
+    samples: Samples,
+    scores: torch.Tensor,
+    actor,
+    reference,
+    critic,
+    kl_coef: float,
+    kl_estimator: str,
+    temperature: float,
+    gamma: float,
+    lam: float,
+    whiten_rewards: bool,
+    whiten_advantages: bool,
+) -> Experience:
+    """Log-probs, reference log-probs, KL, shaped rewards, values, advantages and returns."""
+    mask = samples.action_mask
+    actor.eval()
+    critic.eval()
+    old_logprobs = compute_logprobs(actor, samples, temperature) * mask
+    ref_logprobs = compute_logprobs(reference, samples, temperature) * mask
+    old_values = action_values(critic, samples.sequences, samples.attention_mask, samples.num_actions) * mask
+    kl = kl_estimate(old_logprobs, ref_logprobs, kl_estimator) * mask
+    rewards = shape_rewards(scores.to(kl.device), kl, kl_coef, mask)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask, keep_mean=True)
+    advantages, returns = compute_gae(rewards, old_values, mask, gamma, lam)
+    if whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    return Experience(
+        sequences=samples.sequences,
+        attention_mask=samples.attention_mask,
+        action_mask=mask,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        old_values=old_values,
+        kl=kl,
+        scores=scores.to(kl.device),
+        rewards=rewards,
+        advantages=advantages,
+        returns=returns,
+    )

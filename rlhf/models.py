@@ -1,0 +1,104 @@
+"""The four models: actor and reference (causal LMs), critic (backbone + value head), and the
+forwards the loop needs from them (log-probs over response tokens, values).
+
+Sequences are (B, T) with T = P + A: left-padded prompts of length P followed by A response
+positions. Position ids come from the attention mask so left padding does not shift positions.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The actor's tokenizer, left-padding for generation; it must have a pad token."""
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"the tokenizer at {path!r} has no pad token: give it one (distinct from EOS) before training"
+        )
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer at {path!r} has no EOS token, so responses could never end")
+    return tokenizer
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """PPO needs the same forward at sampling and at update time: no dropout anywhere."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def load_actor(path: str, dtype: str) -> PreTrainedModel:
+    """A causal LM from a hub id or local folder, dropout off."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    disable_dropout(model)
+    return model
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy with gradients off, in eval mode (the reference policy)."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counting only real tokens, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+class Critic(nn.Module):
+    """V(s): a transformer backbone plus a ``Linear(hidden, 1)`` value head on every position."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = nn.Linear(hidden_size, 1)
+        # Small init so the first values are near 0 and the first value loss is the returns' scale.
+        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden_size + 1))
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T) values; values[:, t] estimates the return after token t."""
+        hidden = self.backbone(
+            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask)
+        ).last_hidden_state  # (B, T, H)
+        return self.value_head(hidden).squeeze(-1).to(torch.float32)
+
+
+def build_critic(actor: PreTrainedModel, shared: bool) -> Critic:
+    """A critic on the actor's trunk (``shared``) or on a copy of it (the default)."""
+    backbone = actor.base_model if shared else copy.deepcopy(actor.base_model)
+    critic = Critic(backbone, actor.config.hidden_size)
+    return critic.to(device=actor.device, dtype=actor.dtype)
+
+
+def action_logits(
+    model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int, temperature: float
+) -> torch.Tensor:
+    """Temperature-scaled logits that predict the response tokens: (B, A, V), float32.
+
+    Position t of the sequence predicts token t + 1, so the A response tokens at T - A .. T - 1
+    are predicted by positions T - A - 1 .. T - 2.
+    """
+    logits = model(
+        input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask)
+    ).logits  # (B, T, V)
+    logits = logits[:, -num_actions - 1 : -1]  # (B, A, V): position t predicts token t + 1
+    return logits.to(torch.float32) / temperature
+
+
+def action_values(
+    critic: Critic, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int
+) -> torch.Tensor:
+    """V(s_t) before each response token: (B, A), read at the position that precedes it."""
+    values = critic(sequences, attention_mask)  # (B, T)
+    return values[:, -num_actions - 1 : -1]  # (B, A): the state before action t ends at t - 1

@@ -1,0 +1,198 @@
+"""The built-in tiny actor: a character tokenizer and a small Qwen2 model, built from config,
+warmed up on the task until it is partly right, and saved as ordinary Hugging Face folders.
+
+The run then loads them with the same ``from_pretrained`` code path as a hub model. Builds are
+cached under ``<cache_dir>/tiny-<hash of the config>/`` so a second run starts at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import string
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from rlhf.config import TinyModelConfig
+from rlhf.models import load_tokenizer
+from rlhf.rollout import encode_prompts, generate
+
+log = logging.getLogger(__name__)
+
+# Bump when the build itself changes, so old caches are not reused.
+BUILD_VERSION = 1
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}<|user|>{{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}<|assistant|>{{ message['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character, plus distinct pad/bos/eos/unk and chat-role tokens."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for char in string.printable[:95]:  # digits, letters, punctuation, space
+        vocab.setdefault(char, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|user|>", "<|assistant|>"],
+        padding_side="left",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_model(cfg: TinyModelConfig, vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
+    """A freshly initialised Qwen2 causal LM of the configured size."""
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        attention_dropout=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(cfg.seed)
+    return Qwen2ForCausalLM(config)
+
+
+def sft_batch(
+    tokenizer: PreTrainedTokenizerFast, prompts: list[str], answers: list[str], max_prompt_length: int
+) -> dict[str, torch.Tensor]:
+    """Prompt + answer + EOS, with labels only on the answer and EOS (-100 elsewhere)."""
+    prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_length)
+    answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in answers]
+    width = max(len(a) for a in answer_ids)
+    answer = torch.full((len(prompts), width), tokenizer.pad_token_id)
+    answer_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, ids in enumerate(answer_ids):
+        answer[i, : len(ids)] = torch.tensor(ids)
+        answer_mask[i, : len(ids)] = 1
+    input_ids = torch.cat([prompt_ids["input_ids"], answer], dim=1)
+    attention_mask = torch.cat([prompt_ids["attention_mask"], answer_mask], dim=1)
+    labels = torch.cat([torch.full_like(prompt_ids["input_ids"], -100), answer.masked_fill(answer_mask == 0, -100)], 1)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def accuracy(
+    model: Qwen2ForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: list[str],
+    reward_fn: Callable[[list[str], list[str]], list[float]],
+    max_new_tokens: int,
+    temperature: float,
+    max_prompt_length: int,
+) -> float:
+    """Mean reward of sampled responses on ``prompts``."""
+    samples = generate(model, tokenizer, prompts, max_new_tokens, temperature, max_prompt_length)
+    return float(sum(reward_fn(samples.prompts, samples.responses)) / len(prompts))
+
+
+def warm_up(
+    model: Qwen2ForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    cfg: TinyModelConfig,
+    train_prompts: list[str],
+    train_answers: list[str],
+    eval_prompts: list[str],
+    reward_fn: Callable[[list[str], list[str]], list[float]],
+    max_new_tokens: int,
+    temperature: float,
+    max_prompt_length: int,
+) -> float:
+    """Supervised steps until the held-out sampled accuracy reaches the target; returns it."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    acc = 0.0
+    for step in range(cfg.warmup_max_steps + 1):
+        if step % cfg.warmup_eval_every == 0:
+            acc = accuracy(model, tokenizer, eval_prompts, reward_fn, max_new_tokens, temperature, max_prompt_length)
+            log.info("tiny actor warm-up step %d: held-out accuracy %.3f", step, acc)
+            if acc >= cfg.warmup_target_accuracy or step == cfg.warmup_max_steps:
+                return acc
+        idx = torch.randint(len(train_prompts), (cfg.warmup_batch_size,), generator=generator).tolist()
+        batch = sft_batch(
+            tokenizer, [train_prompts[i] for i in idx], [train_answers[i] for i in idx], max_prompt_length
+        )
+        model.train()
+        loss = model(**batch, position_ids=(batch["attention_mask"].cumsum(1) - 1).clamp(min=0)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return acc
+
+
+def cache_key(cfg: TinyModelConfig, **task: object) -> str:
+    """A short hash of everything the build depends on."""
+    blob = json.dumps({"version": BUILD_VERSION, "model": asdict(cfg), "task": task}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    """$RLHF_CACHE, else ~/.cache/rlhf."""
+    return Path(os.environ.get("RLHF_CACHE", "~/.cache/rlhf")).expanduser()
+
+
+def ensure_tiny_actor(
+    cfg: TinyModelConfig,
+    cache_dir: str | None,
+    train_prompts: list[str],
+    train_answers: list[str],
+    eval_prompts: list[str],
+    reward_fn: Callable[[list[str], list[str]], list[float]],
+    max_new_tokens: int,
+    temperature: float,
+    max_prompt_length: int,
+) -> tuple[Path, Path]:
+    """Build (or find in the cache) the tiny actor; returns (model folder, tokenizer folder).
+
+    The tokenizer gets its own folder: next to a Qwen2 config.json, AutoTokenizer would load it as
+    a Qwen2Tokenizer with different ids.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    key = cache_key(
+        cfg, train=train_prompts, eval=eval_prompts, max_new_tokens=max_new_tokens, temperature=temperature
+    )
+    target = root / f"tiny-{key}"
+    if (target / "done").exists():
+        return target / "model", target / "tokenizer"
+    staging = root / f".tiny-{key}.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(staging / "tokenizer")
+    tokenizer = load_tokenizer(str(staging / "tokenizer"))  # size the model by the tokenizer as reloaded
+    model = build_model(cfg, len(tokenizer), tokenizer)
+    acc = warm_up(
+        model, tokenizer, cfg, train_prompts, train_answers, eval_prompts, reward_fn,
+        max_new_tokens, temperature, max_prompt_length,
+    )  # fmt: skip
+    model.save_pretrained(staging / "model")
+    (staging / "done").write_text(json.dumps({"warmup_eval_accuracy": acc}))
+    if target.exists():  # another process finished the same build first
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        staging.rename(target)
+    return target / "model", target / "tokenizer"

@@ -1,0 +1,85 @@
+"""Where metrics go: ``metrics.jsonl`` in the run dir, Weights & Biases, and the console.
+
+Reads the config group ``logging``. W&B runs offline when no API key is configured, writing under
+``<run dir>/wandb/``; ``wandb sync`` uploads such runs later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import wandb
+
+
+def resolve_wandb_mode(mode: str | None) -> str:
+    """The configured mode, else $WANDB_MODE, else online with an API key and offline without."""
+    if mode is not None:
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _read(Path("~/.netrc").expanduser())
+    return "online" if has_key else "offline"
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+class Tracker:
+    """Appends one JSON object per step to ``metrics.jsonl`` and logs the same keys to W&B."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        mode: str | None,
+        project: str,
+        entity: str | None,
+        group: str | None,
+        name: str,
+        tags: list[str],
+    ):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.samples_path = run_dir / "samples.jsonl"
+        self.mode = resolve_wandb_mode(mode)
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            group=group,
+            name=name,
+            tags=tags,
+            config=config,
+            dir=str(run_dir),
+            mode=self.mode,
+            settings=wandb.Settings(console="off", silent=True),
+        )
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """One step's metrics, to the file and to W&B."""
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.run.log(metrics, step=step)
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """A table of sample rows (same keys in each), as a W&B table and in ``samples.jsonl``."""
+        if not rows:
+            return
+        with self.samples_path.open("a") as f:
+            for row in rows:
+                f.write(json.dumps({"step": step, **row}) + "\n")
+        columns = list(rows[0])
+        table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+        self.run.log({"samples": table}, step=step)
+
+    def summary(self, values: dict[str, float]) -> None:
+        """Final figures of the run (W&B run summary)."""
+        for key, value in values.items():
+            self.run.summary[key] = value
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the W&B run (marking it failed on a non-zero exit code)."""
+        self.run.finish(exit_code=exit_code)

@@ -1,0 +1,192 @@
+"""One PPO iteration, as numbered steps: rollout, score, experience, PPO epochs, KL controller."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from rlhf.experience import Experience, make_experience
+from rlhf.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from rlhf.masked import masked_mean, masked_var
+from rlhf.models import action_logits, action_values
+from rlhf.reward import check_finite
+from rlhf.rollout import Samples, generate
+
+
+class PPOTrainer:
+    """Holds the models, optimizers and KL controller; ``step`` runs one PPO iteration.
+
+    With a shared critic trunk, ``critic_optimizer`` is None and ``actor_optimizer`` holds the
+    actor's and the value head's parameters: one backward of pg + vf_coef * vf, one step.
+    """
+
+    def __init__(
+        self,
+        actor: nn.Module,
+        reference: nn.Module,
+        critic: nn.Module,
+        reward: Callable[[list[str], list[str]], torch.Tensor],
+        tokenizer,
+        actor_optimizer: torch.optim.Optimizer,
+        critic_optimizer: torch.optim.Optimizer | None,
+        kl_controller,
+        cfg,
+        seed: int,
+    ):
+        self.actor, self.reference, self.critic, self.reward = actor, reference, critic, reward
+        self.tokenizer = tokenizer
+        self.actor_optimizer, self.critic_optimizer = actor_optimizer, critic_optimizer
+        self.kl_controller = kl_controller
+        self.cfg = cfg
+        self.generator = torch.Generator().manual_seed(seed)  # mini-batch shuffling only
+        self.steps_done = 0
+
+    def generate(self, prompts: list[str], do_sample: bool = True) -> Samples:
+        """Responses of the current actor to ``prompts`` with the rollout settings."""
+        rollout = self.cfg.rollout
+        return generate(
+            self.actor, self.tokenizer, prompts, rollout.max_new_tokens, rollout.temperature,
+            self.cfg.data.max_prompt_length, do_sample=do_sample,
+        )  # fmt: skip
+
+    def score(self, samples: Samples) -> torch.Tensor:
+        """(B,) scores, with the missing-EOS penalty replacing the score of truncated responses."""
+        scores = self.reward(samples.prompts, samples.responses).float()
+        check_finite(scores, self.steps_done + 1)
+        penalty = self.cfg.reward.missing_eos_penalty
+        if penalty is not None:
+            scores = torch.where(samples.truncated.cpu(), torch.full_like(scores, penalty), scores)
+        return scores
+
+    def step(self, prompts: list[str]) -> dict[str, float]:
+        """One PPO iteration on a batch of prompts; returns the step's metrics."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        # 1. rollout: sample responses with the actor
+        samples = self.generate(prompts)
+        t1 = time.perf_counter()
+        # 2. score: reward model or reward function on the decoded text
+        scores = self.score(samples)
+        # 3. experience: log-probs, reference log-probs, KL-shaped rewards, values, GAE
+        kl_coef = self.kl_controller.value
+        exp = make_experience(
+            samples, scores, self.actor, self.reference, self.critic, kl_coef, cfg.kl.estimator,
+            cfg.rollout.temperature, cfg.gae.gamma, cfg.gae.lam, cfg.gae.whiten_rewards, cfg.gae.whiten_advantages,
+        )  # fmt: skip
+        t2 = time.perf_counter()
+        # 4. PPO epochs over shuffled mini-batches
+        update_stats = self.ppo_update(exp)
+        t3 = time.perf_counter()
+        # 5. KL controller: move beta towards its target (no-op when fixed)
+        kl_per_seq = ((exp.old_logprobs - exp.ref_logprobs) * exp.action_mask).sum(dim=1)
+        self.kl_controller.update(kl_per_seq.mean().item(), len(prompts))
+        self.steps_done += 1
+        # 6. metrics
+        metrics = rollout_metrics(samples, exp, kl_coef)
+        metrics.update(update_stats)
+        metrics.update(self.optimizer_metrics())
+        metrics["objective/kl_coef_next"] = self.kl_controller.value
+        metrics["time/rollout"] = t1 - t0
+        metrics["time/experience"] = t2 - t1
+        metrics["time/update"] = t3 - t2
+        metrics["time/step"] = t3 - t0
+        metrics["time/tokens_per_s"] = samples.response_length.sum().item() / max(t1 - t0, 1e-9)
+        self.last_samples, self.last_experience = samples, exp
+        return metrics
+
+    def ppo_update(self, exp: Experience) -> dict[str, float]:
+        """``ppo.epochs`` passes of shuffled mini-batches; returns the stats averaged over them."""
+        ppo = self.cfg.ppo
+        batch_size = exp.sequences.shape[0]
+        num_actions = exp.action_mask.shape[1]
+        self.actor.train()
+        self.critic.train()
+        sums: dict[str, float] = defaultdict(float)
+        count = 0
+        for epoch in range(ppo.epochs):
+            order = torch.randperm(batch_size, generator=self.generator)
+            for start in range(0, batch_size, ppo.minibatch_size):
+                mb = exp.select(order[start : start + ppo.minibatch_size].to(exp.sequences.device))
+                mask = mb.action_mask
+                logits = action_logits(
+                    self.actor, mb.sequences, mb.attention_mask, num_actions, self.cfg.rollout.temperature
+                )  # (b, A, V)
+                logprobs = logprobs_from_logits(logits, mb.sequences[:, -num_actions:])
+                entropy = masked_mean(entropy_from_logits(logits), mask)
+                pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, ppo.clip_eps)
+                values = action_values(self.critic, mb.sequences, mb.attention_mask, num_actions)
+                vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, mask, ppo.value_clip_eps)
+                loss = pg_loss + ppo.vf_coef * vf_loss - ppo.entropy_coef * entropy
+                actor_norm, critic_norm = self.optimize(loss)
+                if epoch == 0 and start == 0:
+                    # The first mini-batch sees the weights that produced old_logprobs: ratio must be 1.
+                    sums["policy/ratio_dev_first"] = pg_stats["ratio_max_dev"].item()
+                for key, value in (
+                    ("loss/policy", pg_loss), ("loss/value", vf_loss), ("loss/total", loss),
+                    ("policy/entropy", entropy), ("policy/clipfrac", pg_stats["clipfrac"]),
+                    ("policy/approx_kl", pg_stats["approx_kl"]), ("policy/ratio_mean", pg_stats["ratio"]),
+                    ("val/clipfrac", vf_stats["clipfrac"]), ("optim/actor_grad_norm", actor_norm),
+                    ("optim/critic_grad_norm", critic_norm),
+                ):  # fmt: skip
+                    sums[key] += float(value)
+                count += 1
+        return {k: (v if k == "policy/ratio_dev_first" else v / count) for k, v in sums.items()}
+
+    def optimize(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward, clip each model's gradient norm, step; returns the norms before clipping."""
+        max_norm = self.cfg.ppo.max_grad_norm
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        if self.critic_optimizer is not None:
+            self.critic_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        actor_norm = nn.utils.clip_grad_norm_(self.actor.parameters(), max_norm)
+        critic_params = [p for p in self.critic.value_head.parameters()]
+        if self.critic_optimizer is not None:
+            critic_params = list(self.critic.parameters())
+        critic_norm = nn.utils.clip_grad_norm_(critic_params, max_norm)
+        self.actor_optimizer.step()
+        if self.critic_optimizer is not None:
+            self.critic_optimizer.step()
+        return actor_norm, critic_norm
+
+    def optimizer_metrics(self) -> dict[str, float]:
+        """Current learning rates."""
+        metrics = {"optim/actor_lr": self.actor_optimizer.param_groups[0]["lr"]}
+        if self.critic_optimizer is not None:
+            metrics["optim/critic_lr"] = self.critic_optimizer.param_groups[0]["lr"]
+        return metrics
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var[returns - values] / Var[returns] over action tokens (1 is perfect, <= 0 is useless)."""
+    var_returns = masked_var(returns, mask)
+    return float(1.0 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8))
+
+
+def rollout_metrics(samples: Samples, exp: Experience, kl_coef: float) -> dict[str, float]:
+    """Objective, KL, advantage and rollout statistics of one batch."""
+    mask = exp.action_mask
+    k1 = (exp.old_logprobs - exp.ref_logprobs) * mask
+    num_tokens = mask.sum().clamp(min=1)
+    return {
+        "objective/scores": exp.scores.mean().item(),
+        "objective/scores_std": exp.scores.std().item() if len(exp.scores) > 1 else 0.0,
+        "objective/rlhf_reward": exp.rewards.sum(dim=1).mean().item(),
+        "objective/kl": k1.sum(dim=1).mean().item(),
+        "objective/kl_per_token": (k1.sum() / num_tokens).item(),
+        "objective/kl_penalty": exp.kl.sum(dim=1).mean().item(),
+        "objective/kl_coef": kl_coef,
+        "objective/entropy": (-exp.old_logprobs * mask).sum(dim=1).mean().item(),
+        "objective/neg_kl_frac": ((k1 < 0) & mask).sum().item() / num_tokens.item(),
+        "val/explained_var": explained_variance(exp.old_values, exp.returns, mask),
+        "val/values_mean": masked_mean(exp.old_values, mask).item(),
+        "val/returns_mean": masked_mean(exp.returns, mask).item(),
+        "adv/mean": masked_mean(exp.advantages, mask).item(),
+        "adv/std": masked_var(exp.advantages, mask).sqrt().item(),
+        "rollout/response_length": samples.response_length.mean().item(),
+        "rollout/eos_rate": 1.0 - samples.truncated.float().mean().item(),
+    }

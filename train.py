@@ -1,0 +1,24 @@
+"""Train a language model with PPO from a reward: ``python train.py [overrides]``.
+
+Examples:
+    python train.py                                  # the built-in tiny task, offline, on CPU
+    python train.py kl.beta=0.05 gae.lam=0.9         # override any key
+    python train.py -m kl.beta=0.01,0.1 gae.lam=0.9,0.95   # a Hydra multirun sweep
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from rlhf.config import register_configs
+from rlhf.run import train
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    return train(cfg)["final/eval_score"]
+
+
+if __name__ == "__main__":
+    main()
