@@ -25,7 +25,7 @@ class TinyModelConfig:
     num_key_value_heads: int = 2
     intermediate_size: int = 128
     # Supervised warm-up: it stops at the first check where held-out accuracy reaches this share.
-    warmup_target_accuracy: float = 0.3
+    warmup_target_accuracy: float = 0.35
     # Upper bound on warm-up optimizer steps.
     warmup_max_steps: int = 2000
     # Warm-up batch size and learning rate.
@@ -78,7 +78,7 @@ class KLConfig:
     # "fixed" or "adaptive" (Ziegler et al. 2019).
     controller: str = "fixed"
     # KL coefficient (initial value for the adaptive controller).
-    beta: float = 0.05
+    beta: float = 0.02
     # Per-token estimator in the reward: k1, k2 or k3.
     estimator: str = "k1"
     # Adaptive controller: KL (per sequence, summed over tokens) to steer towards.
@@ -206,9 +206,9 @@ class TrainerConfig:
     """The loop: read by ``rlhf.trainer``."""
 
     # Number of PPO iterations (rollout + update).
-    steps: int = 60
+    steps: int = 500
     # Held-out evaluation every this many steps (and at the start and end).
-    eval_every: int = 20
+    eval_every: int = 25
     # Run directory; null = Hydra's output dir.
     output_dir: str | None = None
 

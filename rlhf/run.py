@@ -60,8 +60,9 @@ def resolve_actor_paths(cfg: DictConfig, train_prompts: list[str], eval_prompts:
     """(model path, tokenizer path): ``model.path``, or the tiny actor built for the task."""
     if cfg.model.path:
         return cfg.model.path, cfg.model.path
+    answers = [solve(p) for p in train_prompts]
     model_dir, tokenizer_dir = ensure_tiny_actor(
-        OmegaConf.to_object(cfg.model.tiny), cfg.model.cache_dir, train_prompts, [solve(p) for p in train_prompts], eval_prompts,
+        OmegaConf.to_object(cfg.model.tiny), cfg.model.cache_dir, train_prompts, answers, eval_prompts,
         exact_match_reward, cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.data.max_prompt_length,
     )  # fmt: skip
     return str(model_dir), str(tokenizer_dir)
@@ -74,16 +75,14 @@ def evaluate(trainer: PPOTrainer, prompts: list[str]) -> dict[str, float]:
     return {"eval/score": sampled, "eval/score_greedy": greedy}
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Run PPO as configured; returns the run's final figures (also the W&B summary)."""
+def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
+    """Validate the config, then build data, reward and models: (trainer, train prompts, held-out prompts)."""
     # 0. check the config before anything is built
     validate(cfg)
-    run_dir = run_dir_of(cfg)
     if cfg.hardware.num_threads is not None:
         torch.set_num_threads(cfg.hardware.num_threads)
     device = torch.device(cfg.hardware.device)
     seed_everything(cfg.seed)
-    started = time.perf_counter()
 
     # 1. data and reward
     train_prompts, eval_prompts = load_prompts(cfg.data.task, cfg.data.max_operand, cfg.data.num_eval, cfg.data.seed)
@@ -110,7 +109,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = PPOTrainer(
         actor, reference, critic, reward, tokenizer, actor_optimizer, critic_optimizer, kl_controller, cfg, cfg.seed
     )
+    return trainer, train_prompts, eval_prompts
 
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run PPO as configured; returns the run's final figures (also the W&B summary)."""
+    started = time.perf_counter()
+    trainer, train_prompts, eval_prompts = build_trainer(cfg)
+    run_dir = run_dir_of(cfg)
     wandb_cfg = cfg.logging.wandb
     tracker = Tracker(
         run_dir, OmegaConf.to_container(cfg, resolve=True), wandb_cfg.mode, wandb_cfg.project, wandb_cfg.entity,

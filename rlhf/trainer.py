@@ -132,7 +132,7 @@ class PPOTrainer:
                     ("val/clipfrac", vf_stats["clipfrac"]), ("optim/actor_grad_norm", actor_norm),
                     ("optim/critic_grad_norm", critic_norm),
                 ):  # fmt: skip
-                    sums[key] += float(value)
+                    sums[key] += float(value.detach())
                 count += 1
         return {k: (v if k == "policy/ratio_dev_first" else v / count) for k, v in sums.items()}
 

@@ -1,0 +1,59 @@
+"""Shared fixtures: offline, single-threaded, and a composed config for any overrides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """One cache of built tiny actors for the whole session (each build takes a few seconds)."""
+    path = Path(os.environ.get("RLHF_TEST_CACHE") or tmp_path_factory.mktemp("rlhf-cache"))
+    os.environ["RLHF_CACHE"] = str(path)
+    return path
+
+
+def compose(overrides: list[str]):
+    """The run config ``python train.py <overrides>`` would get (without Hydra's runtime)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from rlhf.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+# A run small enough for tests: few prompts, one short PPO step, W&B off unless a test turns it on.
+FAST = [
+    "trainer.steps=1",
+    "rollout.batch_size=8",
+    "ppo.minibatch_size=4",
+    "ppo.epochs=1",
+    "logging.wandb.mode=disabled",
+    "logging.progress_bar=false",
+]
+
+
+@pytest.fixture
+def make_cfg(tmp_path, tiny_cache):
+    """``make_cfg(*overrides)``: a fast test config writing to a fresh tmp run dir."""
+
+    def _make(*overrides: str):
+        return compose([*FAST, f"trainer.output_dir={tmp_path / 'run'}", f"model.cache_dir={tiny_cache}", *overrides])
+
+    return _make

@@ -1,0 +1,118 @@
+"""Forwards over response tokens: log-prob gathering, left-padding invariance, EOS cut, score placement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf.config import TinyModelConfig
+from rlhf.kl import shape_rewards
+from rlhf.losses import logprobs_from_logits
+from rlhf.models import action_logits, action_values, build_critic, load_tokenizer
+from rlhf.rollout import action_mask_after_eos, encode_prompts, generate
+from rlhf.tiny import build_model, build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    build_tokenizer().save_pretrained(path)
+    return load_tokenizer(str(path))
+
+
+@pytest.fixture(scope="module")
+def actor(tokenizer):
+    torch.manual_seed(0)
+    model = build_model(TinyModelConfig(hidden_size=32, intermediate_size=64), len(tokenizer), tokenizer)
+    return model.eval()
+
+
+def test_logprobs_match_naive_per_position_log_softmax(actor, tokenizer):
+    # One unpadded sequence: prompt of P tokens then A response tokens.
+    sequence = torch.tensor(
+        [tokenizer("<bos><|user|>12+7=<|assistant|>19<eos>", add_special_tokens=False)["input_ids"]]
+    )
+    num_actions = 3
+    with torch.no_grad():
+        fast = logprobs_from_logits(
+            action_logits(actor, sequence, torch.ones_like(sequence), num_actions, temperature=0.7),
+            sequence[:, -num_actions:],
+        )[0]
+        logits = actor(input_ids=sequence).logits[0]  # (T, V)
+    total = sequence.shape[1]
+    naive = []
+    for t in range(total - num_actions, total):
+        # Token t is predicted by the logits at position t - 1.
+        naive.append(torch.log_softmax(logits[t - 1].double() / 0.7, dim=-1)[sequence[0, t]].item())
+    assert fast.tolist() == pytest.approx(naive, abs=1e-5)
+
+
+def test_left_padding_does_not_change_logprobs_or_values(actor, tokenizer):
+    critic = build_critic(actor, shared=False).eval()
+    ids = tokenizer("<bos><|user|>3+4=<|assistant|>7<eos>", add_special_tokens=False)["input_ids"]
+    plain = torch.tensor([ids])
+    padded = torch.tensor([[tokenizer.pad_token_id] * 5 + ids])
+    plain_mask = torch.ones_like(plain)
+    padded_mask = torch.tensor([[0] * 5 + [1] * len(ids)])
+    with torch.no_grad():
+        lp_plain = logprobs_from_logits(action_logits(actor, plain, plain_mask, 2, 1.0), plain[:, -2:])
+        lp_padded = logprobs_from_logits(action_logits(actor, padded, padded_mask, 2, 1.0), padded[:, -2:])
+        v_plain = action_values(critic, plain, plain_mask, 2)
+        v_padded = action_values(critic, padded, padded_mask, 2)
+    torch.testing.assert_close(lp_padded, lp_plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(v_padded, v_plain, atol=1e-5, rtol=0)
+
+
+def test_action_mask_includes_first_eos_only():
+    eos, pad = 2, 0
+    responses = torch.tensor([[5, 2, 7, 2], [2, 9, 9, 9], [5, 6, 7, 8]])
+    mask = action_mask_after_eos(responses, eos)
+    assert mask.tolist() == [
+        [True, True, False, False],  # EOS at 1 is an action; what follows is not
+        [True, False, False, False],  # a one-token response that is just EOS
+        [True, True, True, True],  # no EOS: truncated, every position is an action
+    ]
+    del pad
+
+
+def test_generate_cuts_after_eos_and_places_the_score_on_it(actor, tokenizer):
+    torch.manual_seed(0)
+    prompts = ["1+2=", "10+11=", "3+3=", "19+19="] * 4
+    samples = generate(actor, tokenizer, prompts, max_new_tokens=6, temperature=1.0, max_prompt_length=32)
+    responses = samples.sequences[:, -samples.num_actions :]
+    assert samples.sequences.shape[1] == samples.attention_mask.shape[1]
+    for row in range(len(prompts)):
+        n = int(samples.action_mask[row].sum())
+        assert samples.action_mask[row, :n].all() and not samples.action_mask[row, n:].any()
+        assert (responses[row, n:] == tokenizer.pad_token_id).all()
+        is_eos = responses[row, :n] == tokenizer.eos_token_id
+        # Either the last action is the only EOS, or there is none and the response was truncated.
+        if samples.truncated[row]:
+            assert not is_eos.any() and n == samples.num_actions
+        else:
+            assert is_eos.nonzero().flatten().tolist() == [n - 1]
+    # Attention covers real prompt tokens and actions only.
+    prompt_width = samples.sequences.shape[1] - samples.num_actions
+    assert torch.equal(samples.attention_mask[:, prompt_width:].bool(), samples.action_mask)
+    # The score lands on the last action: the EOS, or the last token when truncated.
+    scores = torch.arange(1, len(prompts) + 1, dtype=torch.float32)
+    rewards = shape_rewards(scores, torch.zeros(samples.action_mask.shape), 0.1, samples.action_mask)
+    last = samples.action_mask.sum(dim=1) - 1
+    for row in range(len(prompts)):
+        assert rewards[row, last[row]] == scores[row]
+        assert rewards[row].sum() == scores[row]
+
+
+def test_prompt_errors_name_the_prompt(tokenizer):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        encode_prompts(tokenizer, ["1+1=", "  "], max_prompt_length=32)
+    with pytest.raises(ValueError, match=r"1 prompt\(s\) exceed data.max_prompt_length=8 .* prompt 0"):
+        encode_prompts(tokenizer, ["123456789+1=", "1+1="], max_prompt_length=8)
+
+
+def test_tokenizer_without_pad_token_is_rejected(tmp_path):
+    tok = build_tokenizer()
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has no pad token"):
+        load_tokenizer(str(tmp_path))
