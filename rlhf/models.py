@@ -11,7 +11,13 @@ import copy
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,6 +45,14 @@ def load_actor(path: str, dtype: str) -> PreTrainedModel:
     """A causal LM from a hub id or local folder, dropout off."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     disable_dropout(model)
+    # generate() fills every setting we leave unset from the checkpoint's generation_config (Qwen2.5
+    # ships top_k=20, top_p=0.8, repetition_penalty=1.05), which would sample from something other
+    # than the policy PPO computes log-probs for. Sampling settings come from our config alone.
+    model.generation_config = GenerationConfig(
+        bos_token_id=model.config.bos_token_id,
+        eos_token_id=model.config.eos_token_id,
+        pad_token_id=model.config.pad_token_id,
+    )
     return model
 
 

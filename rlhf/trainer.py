@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -45,6 +46,13 @@ class PPOTrainer:
         self.generator = torch.Generator().manual_seed(seed)  # mini-batch shuffling only
         self.steps_done = 0
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for forwards when ``hardware.autocast_dtype`` is not float32."""
+        dtype = self.cfg.hardware.autocast_dtype
+        if dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.cfg.hardware.device, dtype=getattr(torch, dtype))
+
     def generate(self, prompts: list[str], do_sample: bool = True) -> Samples:
         """Responses of the current actor to ``prompts`` with the rollout settings."""
         rollout = self.cfg.rollout
@@ -67,16 +75,19 @@ class PPOTrainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         # 1. rollout: sample responses with the actor
-        samples = self.generate(prompts)
+        with self.autocast():
+            samples = self.generate(prompts)
         t1 = time.perf_counter()
         # 2. score: reward model or reward function on the decoded text
         scores = self.score(samples)
         # 3. experience: log-probs, reference log-probs, KL-shaped rewards, values, GAE
         kl_coef = self.kl_controller.value
-        exp = make_experience(
-            samples, scores, self.actor, self.reference, self.critic, kl_coef, cfg.kl.estimator,
-            cfg.rollout.temperature, cfg.gae.gamma, cfg.gae.lam, cfg.gae.whiten_rewards, cfg.gae.whiten_advantages,
-        )  # fmt: skip
+        with self.autocast():
+            exp = make_experience(
+                samples, scores, self.actor, self.reference, self.critic, kl_coef, cfg.kl.estimator,
+                cfg.rollout.temperature, cfg.gae.gamma, cfg.gae.lam, cfg.gae.whiten_rewards,
+                cfg.gae.whiten_advantages,
+            )  # fmt: skip
         t2 = time.perf_counter()
         # 4. PPO epochs over shuffled mini-batches
         update_stats = self.ppo_update(exp)
@@ -112,13 +123,14 @@ class PPOTrainer:
             for start in range(0, batch_size, ppo.minibatch_size):
                 mb = exp.select(order[start : start + ppo.minibatch_size].to(exp.sequences.device))
                 mask = mb.action_mask
-                logits = action_logits(
-                    self.actor, mb.sequences, mb.attention_mask, num_actions, self.cfg.rollout.temperature
-                )  # (b, A, V)
+                with self.autocast():
+                    logits = action_logits(
+                        self.actor, mb.sequences, mb.attention_mask, num_actions, self.cfg.rollout.temperature
+                    )  # (b, A, V), float32
+                    values = action_values(self.critic, mb.sequences, mb.attention_mask, num_actions)
                 logprobs = logprobs_from_logits(logits, mb.sequences[:, -num_actions:])
                 entropy = masked_mean(entropy_from_logits(logits), mask)
                 pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, ppo.clip_eps)
-                values = action_values(self.critic, mb.sequences, mb.attention_mask, num_actions)
                 vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, mask, ppo.value_clip_eps)
                 loss = pg_loss + ppo.vf_coef * vf_loss - ppo.entropy_coef * entropy
                 actor_norm, critic_norm = self.optimize(loss)

@@ -116,3 +116,19 @@ def test_tokenizer_without_pad_token_is_rejected(tmp_path):
     tok.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="has no pad token"):
         load_tokenizer(str(tmp_path))
+
+
+def test_checkpoint_generation_defaults_do_not_leak_into_sampling(actor, tokenizer, tmp_path):
+    # A checkpoint whose generation_config would distort sampling (as Qwen2.5's top_k/top_p/
+    # repetition_penalty do): after load_actor none of it is left for generate() to merge in.
+    from transformers import GenerationConfig
+
+    from rlhf.models import load_actor
+
+    actor.generation_config = GenerationConfig(
+        do_sample=True, top_k=1, top_p=0.5, repetition_penalty=3.0, min_new_tokens=3
+    )
+    actor.save_pretrained(tmp_path)
+    loaded = load_actor(str(tmp_path), "float32")
+    for name in ("top_k", "top_p", "repetition_penalty", "min_new_tokens"):
+        assert getattr(loaded.generation_config, name) in (None, 0, 1.0), name
