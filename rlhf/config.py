@@ -24,8 +24,11 @@ class TinyModelConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     intermediate_size: int = 128
-    # Supervised warm-up: it stops at the first check where held-out accuracy reaches this share.
-    warmup_target_accuracy: float = 0.35
+    # Supervised warm-up: it stops at the first check where held-out greedy accuracy reaches this share.
+    warmup_target_accuracy: float = 0.9
+    # Label smoothing of the warm-up: the model learns the answers as its mode but samples diffusely,
+    # so the reference is partly right when sampled (about (1 - smoothing) per token).
+    warmup_label_smoothing: float = 0.3
     # Upper bound on warm-up optimizer steps.
     warmup_max_steps: int = 2000
     # Warm-up batch size and learning rate.
@@ -103,11 +106,12 @@ class GAEConfig:
 
 @dataclass
 class OptimizerConfig:
-    """Optimizers of the actor and the critic: read by the trainer. Nodes are instantiated
-    with ``_partial_: true`` and then given the parameters."""
+    """Optimizers of the actor and the critic and their LR schedule: read by ``rlhf.run``. Nodes
+    are instantiated with ``_partial_: true`` and then given the parameters (or the optimizer)."""
 
     actor: Any = MISSING
     critic: Any = MISSING
+    scheduler: Any = MISSING
 
 
 @dataclass
@@ -129,9 +133,9 @@ class DataConfig:
     # Built-in task that generates prompts: "arithmetic".
     task: str = "arithmetic"
     # Operands are drawn from 0..max_operand.
-    max_operand: int = 19
+    max_operand: int = 29
     # Number of held-out prompts (never trained on).
-    num_eval: int = 64
+    num_eval: int = 128
     # Seed of the split.
     seed: int = 0
     # Maximum prompt length in actor tokens, after the chat template.
@@ -206,7 +210,7 @@ class TrainerConfig:
     """The loop: read by ``rlhf.trainer``."""
 
     # Number of PPO iterations (rollout + update).
-    steps: int = 500
+    steps: int = 300
     # Held-out evaluation every this many steps (and at the start and end).
     eval_every: int = 25
     # Run directory; null = Hydra's output dir.
@@ -280,6 +284,12 @@ def validate(cfg: Any) -> None:
         "must be >= 0",
     )
     _unit_interval("model.tiny.warmup_target_accuracy", tiny.warmup_target_accuracy)
+    _check(
+        0 <= tiny.warmup_label_smoothing < 1,
+        "model.tiny.warmup_label_smoothing",
+        tiny.warmup_label_smoothing,
+        "must be in [0, 1)",
+    )
     _positive("model.tiny.warmup_lr", tiny.warmup_lr)
     _check(
         tiny.hidden_size % tiny.num_attention_heads == 0,

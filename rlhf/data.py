@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from rlhf.tasks import arithmetic
 
 
@@ -16,8 +18,6 @@ class PromptSampler:
     """Endless shuffled passes over the training prompts, one batch at a time."""
 
     def __init__(self, prompts: list[str], batch_size: int, seed: int):
-        import random
-
         self.prompts = list(prompts)
         self.batch_size = batch_size
         self.rng = random.Random(seed)

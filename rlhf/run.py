@@ -104,10 +104,23 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     else:
         actor_optimizer = hydra.utils.instantiate(cfg.optimizer.actor)(actor.parameters())
         critic_optimizer = hydra.utils.instantiate(cfg.optimizer.critic)(critic.parameters())
+    schedulers = [
+        hydra.utils.instantiate(cfg.optimizer.scheduler)(opt) for opt in (actor_optimizer, critic_optimizer) if opt
+    ]
     kl_controller = make_kl_controller(cfg.kl.controller, cfg.kl.beta, cfg.kl.target, cfg.kl.horizon)
     seed_everything(cfg.seed)  # same sampling whatever the build above consumed
     trainer = PPOTrainer(
-        actor, reference, critic, reward, tokenizer, actor_optimizer, critic_optimizer, kl_controller, cfg, cfg.seed
+        actor,
+        reference,
+        critic,
+        reward,
+        tokenizer,
+        actor_optimizer,
+        critic_optimizer,
+        schedulers,
+        kl_controller,
+        cfg,
+        cfg.seed,
     )
     return trainer, train_prompts, eval_prompts
 

@@ -22,13 +22,13 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from rlhf.config import TinyModelConfig
-from rlhf.models import load_tokenizer
+from rlhf.models import load_tokenizer, position_ids_from
 from rlhf.rollout import encode_prompts, generate
 
 log = logging.getLogger(__name__)
 
 # Bump when the build itself changes, so old caches are not reused.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -105,9 +105,10 @@ def accuracy(
     max_new_tokens: int,
     temperature: float,
     max_prompt_length: int,
+    do_sample: bool,
 ) -> float:
-    """Mean reward of sampled responses on ``prompts``."""
-    samples = generate(model, tokenizer, prompts, max_new_tokens, temperature, max_prompt_length)
+    """Mean reward of sampled (or greedy) responses on ``prompts``."""
+    samples = generate(model, tokenizer, prompts, max_new_tokens, temperature, max_prompt_length, do_sample)
     return float(sum(reward_fn(samples.prompts, samples.responses)) / len(prompts))
 
 
@@ -122,27 +123,38 @@ def warm_up(
     max_new_tokens: int,
     temperature: float,
     max_prompt_length: int,
-) -> float:
-    """Supervised steps until the held-out sampled accuracy reaches the target; returns it."""
+) -> tuple[float, float]:
+    """Supervised steps with label smoothing until held-out greedy accuracy reaches the target.
+
+    Returns (greedy, sampled) held-out accuracy at the end.
+    """
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr)
     generator = torch.Generator().manual_seed(cfg.seed)
-    acc = 0.0
     for step in range(cfg.warmup_max_steps + 1):
-        if step % cfg.warmup_eval_every == 0:
-            acc = accuracy(model, tokenizer, eval_prompts, reward_fn, max_new_tokens, temperature, max_prompt_length)
-            log.info("tiny actor warm-up step %d: held-out accuracy %.3f", step, acc)
-            if acc >= cfg.warmup_target_accuracy or step == cfg.warmup_max_steps:
-                return acc
+        if step % cfg.warmup_eval_every == 0 or step == cfg.warmup_max_steps:
+            args = (model, tokenizer, eval_prompts, reward_fn, max_new_tokens, temperature, max_prompt_length)
+            greedy = accuracy(*args, do_sample=False)
+            log.info("tiny actor warm-up step %d: held-out greedy accuracy %.3f", step, greedy)
+            if greedy >= cfg.warmup_target_accuracy or step == cfg.warmup_max_steps:
+                return greedy, accuracy(*args, do_sample=True)
         idx = torch.randint(len(train_prompts), (cfg.warmup_batch_size,), generator=generator).tolist()
         batch = sft_batch(
             tokenizer, [train_prompts[i] for i in idx], [train_answers[i] for i in idx], max_prompt_length
         )
         model.train()
-        loss = model(**batch, position_ids=(batch["attention_mask"].cumsum(1) - 1).clamp(min=0)).loss
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=position_ids_from(batch["attention_mask"]),
+        ).logits[:, :-1]  # (B, T - 1, V): position t predicts token t + 1
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100,
+            label_smoothing=cfg.warmup_label_smoothing,
+        )  # fmt: skip
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return acc
+    raise AssertionError("unreachable: the last step always returns")
 
 
 def cache_key(cfg: TinyModelConfig, **task: object) -> str:
@@ -185,12 +197,14 @@ def ensure_tiny_actor(
     tokenizer.save_pretrained(staging / "tokenizer")
     tokenizer = load_tokenizer(str(staging / "tokenizer"))  # size the model by the tokenizer as reloaded
     model = build_model(cfg, len(tokenizer), tokenizer)
-    acc = warm_up(
+    greedy, sampled = warm_up(
         model, tokenizer, cfg, train_prompts, train_answers, eval_prompts, reward_fn,
         max_new_tokens, temperature, max_prompt_length,
     )  # fmt: skip
     model.save_pretrained(staging / "model")
-    (staging / "done").write_text(json.dumps({"warmup_eval_accuracy": acc}))
+    (staging / "done").write_text(
+        json.dumps({"held_out_greedy_accuracy": greedy, "held_out_sampled_accuracy": sampled})
+    )
     if target.exists():  # another process finished the same build first
         shutil.rmtree(staging, ignore_errors=True)
     else:

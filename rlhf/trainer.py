@@ -34,6 +34,7 @@ class PPOTrainer:
         tokenizer,
         actor_optimizer: torch.optim.Optimizer,
         critic_optimizer: torch.optim.Optimizer | None,
+        schedulers: list[torch.optim.lr_scheduler.LRScheduler],
         kl_controller,
         cfg,
         seed: int,
@@ -41,6 +42,7 @@ class PPOTrainer:
         self.actor, self.reference, self.critic, self.reward = actor, reference, critic, reward
         self.tokenizer = tokenizer
         self.actor_optimizer, self.critic_optimizer = actor_optimizer, critic_optimizer
+        self.schedulers = schedulers  # stepped once per PPO iteration
         self.kl_controller = kl_controller
         self.cfg = cfg
         self.generator = torch.Generator().manual_seed(seed)  # mini-batch shuffling only
@@ -91,6 +93,9 @@ class PPOTrainer:
         t2 = time.perf_counter()
         # 4. PPO epochs over shuffled mini-batches
         update_stats = self.ppo_update(exp)
+        lr_metrics = self.optimizer_metrics()  # the learning rates this step used
+        for scheduler in self.schedulers:
+            scheduler.step()
         t3 = time.perf_counter()
         # 5. KL controller: move beta towards its target (no-op when fixed)
         kl_per_seq = ((exp.old_logprobs - exp.ref_logprobs) * exp.action_mask).sum(dim=1)
@@ -99,7 +104,7 @@ class PPOTrainer:
         # 6. metrics
         metrics = rollout_metrics(samples, exp, kl_coef)
         metrics.update(update_stats)
-        metrics.update(self.optimizer_metrics())
+        metrics.update(lr_metrics)
         metrics["objective/kl_coef_next"] = self.kl_controller.value
         metrics["time/rollout"] = t1 - t0
         metrics["time/experience"] = t2 - t1
