@@ -63,7 +63,7 @@ def resolve_actor_paths(cfg: DictConfig, train_prompts: list[str], eval_prompts:
     answers = [solve(p) for p in train_prompts]
     model_dir, tokenizer_dir = ensure_tiny_actor(
         OmegaConf.to_object(cfg.model.tiny), cfg.model.cache_dir, train_prompts, answers, eval_prompts,
-        exact_match_reward, cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.data.max_prompt_length,
+        exact_match_reward, cfg.data.max_prompt_length,
     )  # fmt: skip
     return str(model_dir), str(tokenizer_dir)
 

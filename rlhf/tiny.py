@@ -120,19 +120,19 @@ def warm_up(
     train_answers: list[str],
     eval_prompts: list[str],
     reward_fn: Callable[[list[str], list[str]], list[float]],
-    max_new_tokens: int,
-    temperature: float,
     max_prompt_length: int,
 ) -> tuple[float, float]:
     """Supervised steps with label smoothing until held-out greedy accuracy reaches the target.
 
-    Returns (greedy, sampled) held-out accuracy at the end.
+    Returns (greedy, sampled at temperature 1) held-out accuracy at the end. Generation is sized by
+    the longest answer, so the build does not depend on the run's rollout settings.
     """
+    max_new_tokens = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in train_answers) + 1
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr)
     generator = torch.Generator().manual_seed(cfg.seed)
     for step in range(cfg.warmup_max_steps + 1):
         if step % cfg.warmup_eval_every == 0 or step == cfg.warmup_max_steps:
-            args = (model, tokenizer, eval_prompts, reward_fn, max_new_tokens, temperature, max_prompt_length)
+            args = (model, tokenizer, eval_prompts, reward_fn, max_new_tokens, 1.0, max_prompt_length)
             greedy = accuracy(*args, do_sample=False)
             log.info("tiny actor warm-up step %d: held-out greedy accuracy %.3f", step, greedy)
             if greedy >= cfg.warmup_target_accuracy or step == cfg.warmup_max_steps:
@@ -175,8 +175,6 @@ def ensure_tiny_actor(
     train_answers: list[str],
     eval_prompts: list[str],
     reward_fn: Callable[[list[str], list[str]], list[float]],
-    max_new_tokens: int,
-    temperature: float,
     max_prompt_length: int,
 ) -> tuple[Path, Path]:
     """Build (or find in the cache) the tiny actor; returns (model folder, tokenizer folder).
@@ -185,9 +183,7 @@ def ensure_tiny_actor(
     a Qwen2Tokenizer with different ids.
     """
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    key = cache_key(
-        cfg, train=train_prompts, eval=eval_prompts, max_new_tokens=max_new_tokens, temperature=temperature
-    )
+    key = cache_key(cfg, train=train_prompts, eval=eval_prompts, max_prompt_length=max_prompt_length)
     target = root / f"tiny-{key}"
     if (target / "done").exists():
         return target / "model", target / "tokenizer"
@@ -198,9 +194,8 @@ def ensure_tiny_actor(
     tokenizer = load_tokenizer(str(staging / "tokenizer"))  # size the model by the tokenizer as reloaded
     model = build_model(cfg, len(tokenizer), tokenizer)
     greedy, sampled = warm_up(
-        model, tokenizer, cfg, train_prompts, train_answers, eval_prompts, reward_fn,
-        max_new_tokens, temperature, max_prompt_length,
-    )  # fmt: skip
+        model, tokenizer, cfg, train_prompts, train_answers, eval_prompts, reward_fn, max_prompt_length
+    )
     model.save_pretrained(staging / "model")
     (staging / "done").write_text(
         json.dumps({"held_out_greedy_accuracy": greedy, "held_out_sampled_accuracy": sampled})
