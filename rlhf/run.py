@@ -46,11 +46,12 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def run_name_of(cfg: DictConfig) -> str:
-    """``logging.wandb.name`` if set, else the command-line overrides, else "default"."""
+    """``logging.wandb.name`` if set, else the command-line overrides (less logging.*), else "default"."""
     if cfg.logging.wandb.name:
         return cfg.logging.wandb.name
     if HydraConfig.initialized():
-        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "logging.wandb"))]
+        # Logging and Hydra settings do not define the experiment, so they stay out of its name.
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "logging."))]
         if overrides:
             return ",".join(overrides)
     return "default"

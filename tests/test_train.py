@@ -167,3 +167,21 @@ def test_default_reference_knows_the_answers_but_samples_diffusely(make_cfg):
     assert 0.1 <= built["held_out_sampled_accuracy"] <= 0.5
     # A second call finds the cached build.
     assert resolve_actor_paths(cfg, train_prompts, eval_prompts) == (model_dir, tokenizer_dir)
+
+
+def test_command_line_run_writes_hydra_dir_metrics_and_named_wandb_run(tiny_cache, tmp_path):
+    # The real entry point: Hydra composes, train() runs, W&B is named by the overrides.
+    run_dir = tmp_path / "cli-run"
+    overrides = ["trainer.steps=2", "rollout.batch_size=8", "ppo.minibatch_size=4", "kl.beta=0.07", "gae.lam=0.9"]
+    result = subprocess.run(
+        [sys.executable, "train.py", *overrides, "logging.wandb.mode=offline", "logging.progress_bar=false",
+         f"hydra.run.dir={run_dir}"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "held-out reward (sampled)" in result.stdout
+    assert (run_dir / ".hydra" / "overrides.yaml").exists()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 1, 2]
+    run_record = next(r for r in wandb_inspect(run_dir) if r.get("type") == "run")["run"]
+    assert run_record["display_name"] == ",".join(overrides)
