@@ -154,20 +154,22 @@ class PPOTrainer:
         return {k: (v if k == "policy/ratio_dev_first" else v / count) for k, v in sums.items()}
 
     def optimize(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backward, clip each model's gradient norm, step; returns the norms before clipping."""
+        """Backward, clip each model's gradient norm, step; returns the norms before clipping.
+
+        With a shared trunk the critic's own parameters are just the value head (the trunk is the
+        actor's and is clipped with it).
+        """
         max_norm = self.cfg.ppo.max_grad_norm
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        if self.critic_optimizer is not None:
-            self.critic_optimizer.zero_grad(set_to_none=True)
+        optimizers = [opt for opt in (self.actor_optimizer, self.critic_optimizer) if opt is not None]
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        shared = self.critic_optimizer is None
+        critic_params = self.critic.value_head.parameters() if shared else self.critic.parameters()
         actor_norm = nn.utils.clip_grad_norm_(self.actor.parameters(), max_norm)
-        critic_params = [p for p in self.critic.value_head.parameters()]
-        if self.critic_optimizer is not None:
-            critic_params = list(self.critic.parameters())
         critic_norm = nn.utils.clip_grad_norm_(critic_params, max_norm)
-        self.actor_optimizer.step()
-        if self.critic_optimizer is not None:
-            self.critic_optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
         return actor_norm, critic_norm
 
     def optimizer_metrics(self) -> dict[str, float]:
