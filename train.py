@@ -10,14 +10,15 @@ import hydra
 from omegaconf import DictConfig
 
 from rlhf.config import register_configs
-from rlhf.run import train
+from rlhf.job import run_job
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    return train(cfg)["final/eval_score"]
+    # The sweep objective (final held-out reward - trainer.objective_kl_weight * final KL).
+    return run_job(cfg)
 
 
 if __name__ == "__main__":

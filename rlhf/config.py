@@ -215,6 +215,8 @@ class TrainerConfig:
     eval_every: int = 25
     # Run directory; null = Hydra's output dir.
     output_dir: str | None = None
+    # The value train() returns to sweepers: final held-out reward - this weight * final KL.
+    objective_kl_weight: float = 0.0
 
 
 @dataclass
@@ -433,3 +435,9 @@ def validate(cfg: Any) -> None:
 
     _check(cfg.trainer.steps >= 0, "trainer.steps", cfg.trainer.steps, "must be >= 0")
     _positive("trainer.eval_every", cfg.trainer.eval_every)
+    _check(
+        cfg.trainer.objective_kl_weight >= 0,
+        "trainer.objective_kl_weight",
+        cfg.trainer.objective_kl_weight,
+        "must be >= 0",
+    )

@@ -6,6 +6,7 @@ Entry point: ``python train.py`` (see README). Tests call ``train(cfg)`` directl
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -13,12 +14,13 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
 from rlhf.config import validate
 from rlhf.data import PromptSampler, load_prompts
+from rlhf.job import group_of, run_dir_of, run_name_of, write_status
 from rlhf.kl import make_kl_controller
 from rlhf.models import build_critic, frozen_copy, load_actor, load_tokenizer
 from rlhf.reward import build_reward
@@ -34,27 +36,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def run_dir_of(cfg: DictConfig) -> Path:
-    """``trainer.output_dir`` if set, else Hydra's output dir of this job."""
-    if cfg.trainer.output_dir:
-        return Path(cfg.trainer.output_dir)
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    raise ValueError("trainer.output_dir is not set and there is no Hydra run dir: set trainer.output_dir=DIR")
-
-
-def run_name_of(cfg: DictConfig) -> str:
-    """``logging.wandb.name`` if set, else the command-line overrides (less logging.*), else "default"."""
-    if cfg.logging.wandb.name:
-        return cfg.logging.wandb.name
-    if HydraConfig.initialized():
-        # Logging and Hydra settings do not define the experiment, so they stay out of its name.
-        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "logging."))]
-        if overrides:
-            return ",".join(overrides)
-    return "default"
 
 
 def resolve_actor_paths(cfg: DictConfig, train_prompts: list[str], eval_prompts: list[str]) -> tuple[str, str]:
@@ -80,6 +61,7 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     """Validate the config, then build data, reward and models: (trainer, train prompts, held-out prompts)."""
     # 0. check the config before anything is built
     validate(cfg)
+    hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
     if cfg.hardware.num_threads is not None:
         torch.set_num_threads(cfg.hardware.num_threads)
     device = torch.device(cfg.hardware.device)
@@ -134,7 +116,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     wandb_cfg = cfg.logging.wandb
     tracker = Tracker(
         run_dir, OmegaConf.to_container(cfg, resolve=True), wandb_cfg.mode, wandb_cfg.project, wandb_cfg.entity,
-        wandb_cfg.group, run_name_of(cfg), list(wandb_cfg.tags),
+        group_of(cfg), run_name_of(cfg), list(wandb_cfg.tags),
     )  # fmt: skip
     exit_code = 1
     try:
@@ -143,6 +125,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         initial = evaluate(trainer, eval_prompts)
         tracker.log(initial, step=0)
         final = dict(initial)
+        history: list[dict[str, float]] = []
         bar = tqdm(range(1, cfg.trainer.steps + 1), desc="ppo", disable=not cfg.logging.progress_bar)
         for step in bar:
             metrics = trainer.step(sampler.next_batch())
@@ -153,20 +136,41 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 tracker.log_samples(step, sample_rows(trainer, cfg.logging.num_samples))
             bar.set_postfix(reward=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
             final.update(metrics)
-        summary = {
-            "final/eval_score": final["eval/score"],
-            "initial/eval_score": initial["eval/score"],
-            "final/eval_score_greedy": final["eval/score_greedy"],
-            "initial/eval_score_greedy": initial["eval/score_greedy"],
-            "final/kl": final.get("objective/kl", 0.0),
-            "time/total": time.perf_counter() - started,
-        }
+            history.append(metrics)
+        summary = summarize(history, initial, final, time.perf_counter() - started, cfg.trainer.objective_kl_weight)
         tracker.summary(summary)
+        write_status(run_dir, "completed", summary=summary)
         print_summary(summary, run_dir)
         exit_code = 0
         return summary
     finally:
         tracker.finish(exit_code)
+
+
+def summarize(
+    history: list[dict[str, float]],
+    initial: dict[str, float],
+    final: dict[str, float],
+    seconds: float,
+    kl_weight: float,
+) -> dict[str, float]:
+    """Final figures of a run (the W&B summary and status.json), and the sweep objective:
+    final held-out reward - kl_weight * final KL."""
+    evals = [initial["eval/score"]] + [m["eval/score"] for m in history if "eval/score" in m]
+    summary = {
+        "initial/eval_score": initial["eval/score"],
+        "initial/eval_score_greedy": initial["eval/score_greedy"],
+        "final/eval_score": final["eval/score"],
+        "final/eval_score_greedy": final["eval/score_greedy"],
+        "best/eval_score": max(evals),
+        "final/kl": final.get("objective/kl", 0.0),
+        "final/scores": final.get("objective/scores", math.nan),
+        "final/value_loss": final.get("loss/value", math.nan),
+        "mean/policy_clipfrac": sum(m["policy/clipfrac"] for m in history) / max(len(history), 1),
+        "time/total": seconds,
+    }  # fmt: skip
+    summary["objective"] = summary["final/eval_score"] - kl_weight * summary["final/kl"]
+    return summary
 
 
 def sample_rows(trainer: PPOTrainer, num: int) -> list[dict]:
