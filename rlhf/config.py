@@ -201,6 +201,9 @@ class LoggingConfig:
     samples_every: int = 10
     # Rows in that table.
     num_samples: int = 8
+    # Samples shown token by token (logprob, ref logprob, KL, value, reward, advantage, return) in the
+    # token_debug table, logged with the samples table.
+    debug_samples: int = 2
     # Show a progress bar over PPO steps.
     progress_bar: bool = True
 

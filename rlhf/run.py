@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from rlhf.config import validate
 from rlhf.data import PromptSampler, load_prompts
+from rlhf.health import HealthMonitor
 from rlhf.job import group_of, run_dir_of, run_name_of, write_status
 from rlhf.kl import make_kl_controller
 from rlhf.models import build_critic, frozen_copy, load_actor, load_tokenizer
@@ -27,7 +28,7 @@ from rlhf.reward import build_reward
 from rlhf.tasks.arithmetic import exact_match_reward, solve
 from rlhf.tiny import ensure_tiny_actor
 from rlhf.tracking import Tracker
-from rlhf.trainer import PPOTrainer
+from rlhf.trainer import PPOTrainer, token_debug_rows
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +127,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
         tracker.log(initial, step=0)
         final = dict(initial)
         history: list[dict[str, float]] = []
+        health = HealthMonitor()
         bar = tqdm(range(1, cfg.trainer.steps + 1), desc="ppo", disable=not cfg.logging.progress_bar)
         for step in bar:
             metrics = trainer.step(sampler.next_batch())
+            metrics.update(health(metrics, step))
             if step % cfg.trainer.eval_every == 0 or step == cfg.trainer.steps:
                 metrics.update(evaluate(trainer, eval_prompts))
             tracker.log(metrics, step=step)
             if step % cfg.logging.samples_every == 0 or step == 1:
-                tracker.log_samples(step, sample_rows(trainer, cfg.logging.num_samples))
+                tracker.log_table("samples", step, sample_rows(trainer, cfg.logging.num_samples))
+                rows = token_debug_rows(trainer.last_samples, trainer.last_experience, trainer.tokenizer,
+                                        cfg.logging.debug_samples)  # fmt: skip
+                tracker.log_table("token_debug", step, rows)
             bar.set_postfix(reward=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
             final.update(metrics)
             history.append(metrics)

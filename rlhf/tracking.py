@@ -43,8 +43,8 @@ class Tracker:
         tags: list[str],
     ):
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.samples_path = run_dir / "samples.jsonl"
         self.mode = resolve_wandb_mode(mode)
         self.run = wandb.init(
             project=project,
@@ -64,16 +64,16 @@ class Tracker:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         self.run.log(metrics, step=step)
 
-    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
-        """A table of sample rows (same keys in each), as a W&B table and in ``samples.jsonl``."""
+    def log_table(self, name: str, step: int, rows: list[dict[str, Any]]) -> None:
+        """Rows with the same keys, as the W&B table ``name`` and appended to ``<name>.jsonl``."""
         if not rows:
             return
-        with self.samples_path.open("a") as f:
+        with (self.run_dir / f"{name}.jsonl").open("a") as f:
             for row in rows:
                 f.write(json.dumps({"step": step, **row}) + "\n")
         columns = list(rows[0])
         table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
-        self.run.log({"samples": table}, step=step)
+        self.run.log({name: table}, step=step)
 
     def summary(self, values: dict[str, float]) -> None:
         """Final figures of the run (W&B run summary)."""

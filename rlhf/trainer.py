@@ -180,6 +180,22 @@ class PPOTrainer:
         return metrics
 
 
+def token_debug_rows(samples: Samples, exp: Experience, tokenizer, num_samples: int) -> list[dict]:
+    """One row per action token of the first ``num_samples`` samples: the view that exposes
+    off-by-one and padding bugs (the score must sit on the EOS row, nothing after it)."""
+    rows = []
+    responses = samples.sequences[:, -samples.num_actions :]
+    for i in range(min(num_samples, responses.shape[0])):
+        for t in range(int(exp.action_mask[i].sum())):
+            rows.append({
+                "sample": i, "position": t, "token": tokenizer.decode([int(responses[i, t])]),
+                "logprob": exp.old_logprobs[i, t].item(), "ref_logprob": exp.ref_logprobs[i, t].item(),
+                "kl": exp.kl[i, t].item(), "value": exp.old_values[i, t].item(), "reward": exp.rewards[i, t].item(),
+                "advantage": exp.advantages[i, t].item(), "return": exp.returns[i, t].item(),
+            })  # fmt: skip
+    return rows
+
+
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
     """1 - Var[returns - values] / Var[returns] over action tokens (1 is perfect, <= 0 is useless)."""
     var_returns = masked_var(returns, mask)

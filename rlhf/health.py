@@ -1,0 +1,65 @@
+"""Training-health metrics with documented thresholds; crossing one warns once in the console.
+
+Each check reads the step's metrics (see README, "Health metrics") and is logged as ``health/*``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Check:
+    key: str  # logged as this metric
+    is_bad: Callable[[float], bool]
+    threshold: str  # the rule, as documented
+    hint: str  # what usually causes it
+
+
+CHECKS = [
+    Check("health/ratio_dev_first", lambda v: v > 1e-3, "> 1e-3",
+          "the update's forward disagrees with the rollout's (dropout, padding, temperature or dtype mismatch)"),
+    Check("health/neg_kl_frac", lambda v: v > 0.5, "> 0.5",
+          "most sampled tokens are likelier under the reference: sampling may not follow the policy"),
+    Check("health/truncation_rate", lambda v: v > 0.5, "> 0.5",
+          "most responses hit rollout.max_new_tokens without EOS: raise it or add reward.missing_eos_penalty"),
+    Check("health/length_drift", lambda v: abs(v) > 0.5, "|drift| > 0.5",
+          "mean response length moved by more than half since step 1 (length hacking or collapse)"),
+    Check("health/explained_var", lambda v: v < -0.5, "< -0.5",
+          "the critic predicts returns worse than a constant: lower its learning rate or check value targets"),
+    Check("health/clipfrac", lambda v: v > 0.3, "> 0.3",
+          "many tokens are clipped: the policy moves too far per step (lower the LR, epochs or mini-batches)"),
+]  # fmt: skip
+
+
+class HealthMonitor:
+    """Derives ``health/*`` metrics from a step's metrics and warns once per crossed threshold."""
+
+    def __init__(self) -> None:
+        self.first_length: float | None = None
+        self.warned: set[str] = set()
+
+    def __call__(self, metrics: dict[str, float], step: int) -> dict[str, float]:
+        length = metrics["rollout/response_length"]
+        if self.first_length is None:
+            self.first_length = length
+        health = {
+            "health/ratio_dev_first": metrics["policy/ratio_dev_first"],
+            "health/neg_kl_frac": metrics["objective/neg_kl_frac"],
+            "health/truncation_rate": 1.0 - metrics["rollout/eos_rate"],
+            "health/length_drift": length / max(self.first_length, 1e-9) - 1.0,
+            "health/explained_var": metrics["val/explained_var"],
+            "health/clipfrac": metrics["policy/clipfrac"],
+        }
+        for check in CHECKS:
+            value = health[check.key]
+            if check.key not in self.warned and check.is_bad(value):
+                self.warned.add(check.key)
+                log.warning(
+                    "step %d: %s = %.4g (threshold %s): %s", step, check.key, value, check.threshold, check.hint
+                )
+        return health
