@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from rlhf.config import ConfigError, validate
 from tests.conftest import CONF_DIR, REPO, compose
 
-GROUPS = ["model", "reward", "kl", "gae", "optimizer", "hardware"]
+GROUPS = ["model", "reward", "kl", "gae", "optimizer", "hardware", "sweep"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
 
 
