@@ -125,7 +125,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         sampler = PromptSampler(train_prompts, cfg.rollout.batch_size, cfg.seed)
         initial = evaluate(trainer, eval_prompts)
         tracker.log(initial, step=0)
-        final = dict(initial)
         history: list[dict[str, float]] = []
         health = HealthMonitor()
         bar = tqdm(range(1, cfg.trainer.steps + 1), desc="ppo", disable=not cfg.logging.progress_bar)
@@ -141,9 +140,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                                         cfg.logging.debug_samples)  # fmt: skip
                 tracker.log_table("token_debug", step, rows)
             bar.set_postfix(reward=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
-            final.update(metrics)
             history.append(metrics)
-        summary = summarize(history, initial, final, time.perf_counter() - started, cfg.trainer.objective_kl_weight)
+        summary = summarize(initial, history, time.perf_counter() - started, cfg.trainer.objective_kl_weight)
         tracker.summary(summary)
         write_status(run_dir, "completed", summary=summary)
         print_summary(summary, run_dir)
@@ -154,27 +152,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def summarize(
-    history: list[dict[str, float]],
-    initial: dict[str, float],
-    final: dict[str, float],
-    seconds: float,
-    kl_weight: float,
+    initial: dict[str, float], history: list[dict[str, float]], seconds: float, kl_weight: float
 ) -> dict[str, float]:
     """Final figures of a run (the W&B summary and status.json), and the sweep objective:
-    final held-out reward - kl_weight * final KL."""
-    evals = [initial["eval/score"]] + [m["eval/score"] for m in history if "eval/score" in m]
+    final held-out reward - kl_weight * final KL. ``history`` holds each step's metrics."""
+    evals = [m for m in [initial, *history] if "eval/score" in m]
+    last = history[-1] if history else {}
     summary = {
         "initial/eval_score": initial["eval/score"],
         "initial/eval_score_greedy": initial["eval/score_greedy"],
-        "final/eval_score": final["eval/score"],
-        "final/eval_score_greedy": final["eval/score_greedy"],
-        "best/eval_score": max(evals),
-        "final/kl": final.get("objective/kl", 0.0),
-        "final/scores": final.get("objective/scores", math.nan),
-        "final/value_loss": final.get("loss/value", math.nan),
+        "final/eval_score": evals[-1]["eval/score"],
+        "final/eval_score_greedy": evals[-1]["eval/score_greedy"],
+        "best/eval_score": max(m["eval/score"] for m in evals),
+        "final/kl": last.get("objective/kl", 0.0),
+        "final/scores": last.get("objective/scores", math.nan),
+        "final/value_loss": last.get("loss/value", math.nan),
         "mean/policy_clipfrac": sum(m["policy/clipfrac"] for m in history) / max(len(history), 1),
         "time/total": seconds,
-    }  # fmt: skip
+    }
     summary["objective"] = summary["final/eval_score"] - kl_weight * summary["final/kl"]
     return summary
 
