@@ -8,6 +8,7 @@ relations before any model is built; each error names the full key, the value an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -130,16 +131,30 @@ class HardwareConfig:
 class DataConfig:
     """Prompts: read by ``rlhf.data``."""
 
-    # Built-in task that generates prompts: "arithmetic".
+    # "arithmetic" (the built-in task) or "dataset" (prompts from files or a hub dataset).
     task: str = "arithmetic"
-    # Operands are drawn from 0..max_operand.
+    # arithmetic: operands are drawn from 0..max_operand (the tiny actor is always built on this task).
     max_operand: int = 29
-    # Number of held-out prompts (never trained on).
+    # Prompts held out for evaluation (never trained on), unless eval_path is set.
     num_eval: int = 128
-    # Seed of the split.
+    # Seed of the train / held-out split.
     seed: int = 0
+    # dataset: a .jsonl/.json/.parquet/.csv file, a folder of them, or a hub dataset name.
+    path: str | None = None
+    # dataset: the column holding the prompt text.
+    prompt_key: str = "prompt"
+    # dataset: split to train on (a single file is one split, "train").
+    split: str = "train"
+    # dataset: held-out prompts from this file or dataset instead of holding out num_eval.
+    eval_path: str | None = None
+    # dataset: split of eval_path.
+    eval_split: str = "test"
+    # dataset: where `datasets` caches what it reads; null = its default.
+    cache_dir: str | None = None
     # Maximum prompt length in actor tokens, after the chat template.
     max_prompt_length: int = 32
+    # Prompts over max_prompt_length: "error" (list them), "filter" (drop them) or "truncate" (keep the end).
+    overlong: str = "error"
 
 
 @dataclass
@@ -255,192 +270,112 @@ def _check(ok: bool, key: str, value: object, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
 
+def _one_of(key: str, value: object, options: tuple) -> None:
+    _check(value in options, key, value, "one of " + ", ".join(map(str, options)))
+
+
 def _positive(key: str, value: float) -> None:
     _check(value > 0, key, value, "must be > 0")
+
+
+def _non_negative(key: str, value: float) -> None:
+    _check(value >= 0, key, value, "must be >= 0")
 
 
 def _unit_interval(key: str, value: float) -> None:
     _check(0.0 <= value <= 1.0, key, value, "must be in [0, 1]")
 
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+# fmt: off
 def validate(cfg: Any) -> None:
     """Check ranges and relations of a composed config; raise ``ConfigError`` naming the key."""
-    _check(
-        cfg.model.dtype in ("float32", "bfloat16", "float16"),
-        "model.dtype",
-        cfg.model.dtype,
-        "one of float32, bfloat16, float16",
-    )
-    tiny = cfg.model.tiny
-    for name in (
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "intermediate_size",
-        "warmup_batch_size",
-        "warmup_eval_every",
-    ):
+    model, tiny = cfg.model, cfg.model.tiny
+    _one_of("model.dtype", model.dtype, DTYPE_NAMES)
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "intermediate_size", "warmup_batch_size", "warmup_eval_every", "warmup_lr"):
         _positive(f"model.tiny.{name}", getattr(tiny, name))
-    _check(
-        tiny.warmup_max_steps >= 0,
-        "model.tiny.warmup_max_steps",
-        tiny.warmup_max_steps,
-        "must be >= 0",
-    )
+    _non_negative("model.tiny.warmup_max_steps", tiny.warmup_max_steps)
     _unit_interval("model.tiny.warmup_target_accuracy", tiny.warmup_target_accuracy)
-    _check(
-        0 <= tiny.warmup_label_smoothing < 1,
-        "model.tiny.warmup_label_smoothing",
-        tiny.warmup_label_smoothing,
-        "must be in [0, 1)",
-    )
-    _positive("model.tiny.warmup_lr", tiny.warmup_lr)
-    _check(
-        tiny.hidden_size % tiny.num_attention_heads == 0,
-        "model.tiny.hidden_size",
-        tiny.hidden_size,
-        f"must be a multiple of model.tiny.num_attention_heads={tiny.num_attention_heads}",
-    )
-    _check(
-        tiny.num_attention_heads % tiny.num_key_value_heads == 0,
-        "model.tiny.num_key_value_heads",
-        tiny.num_key_value_heads,
-        f"must divide model.tiny.num_attention_heads={tiny.num_attention_heads}",
-    )
+    _check(0 <= tiny.warmup_label_smoothing < 1, "model.tiny.warmup_label_smoothing", tiny.warmup_label_smoothing,
+           "must be in [0, 1)")
+    _check(tiny.hidden_size % tiny.num_attention_heads == 0, "model.tiny.hidden_size", tiny.hidden_size,
+           f"must be a multiple of model.tiny.num_attention_heads={tiny.num_attention_heads}")
+    _check(tiny.num_attention_heads % tiny.num_key_value_heads == 0, "model.tiny.num_key_value_heads",
+           tiny.num_key_value_heads, f"must divide model.tiny.num_attention_heads={tiny.num_attention_heads}")
 
-    _check(
-        cfg.reward.kind in ("function", "model"),
-        "reward.kind",
-        cfg.reward.kind,
-        "one of function, model",
-    )
-    if cfg.reward.kind == "function":
-        _check(
-            cfg.reward.fn is not None,
-            "reward.fn",
-            cfg.reward.fn,
-            "reward.kind=function needs a node like {_target_: pkg.module.fn, _partial_: true}",
-        )
+    reward = cfg.reward
+    _one_of("reward.kind", reward.kind, ("function", "model"))
+    if reward.kind == "function":
+        _check(reward.fn is not None, "reward.fn", reward.fn,
+               "reward.kind=function needs a node like {_target_: pkg.module.fn, _partial_: true}")
     else:
-        _check(
-            bool(cfg.reward.path),
-            "reward.path",
-            cfg.reward.path,
-            "reward.kind=model needs a hub id or folder",
-        )
-    _positive("reward.max_length", cfg.reward.max_length)
-    _positive("reward.batch_size", cfg.reward.batch_size)
+        _check(bool(reward.path), "reward.path", reward.path, "reward.kind=model needs a hub id or folder")
+    _positive("reward.max_length", reward.max_length)
+    _positive("reward.batch_size", reward.batch_size)
 
-    _check(
-        cfg.kl.controller in ("fixed", "adaptive"),
-        "kl.controller",
-        cfg.kl.controller,
-        "one of fixed, adaptive",
-    )
-    _check(cfg.kl.beta >= 0, "kl.beta", cfg.kl.beta, "must be >= 0")
-    _check(
-        cfg.kl.estimator in ("k1", "k2", "k3"),
-        "kl.estimator",
-        cfg.kl.estimator,
-        "one of k1, k2, k3",
-    )
-    if cfg.kl.controller == "adaptive":
-        _check(
-            cfg.kl.target is not None and cfg.kl.target > 0,
-            "kl.target",
-            cfg.kl.target,
-            "kl.controller=adaptive needs a target > 0",
-        )
-        _check(
-            cfg.kl.horizon is not None and cfg.kl.horizon > 0,
-            "kl.horizon",
-            cfg.kl.horizon,
-            "kl.controller=adaptive needs a horizon > 0",
-        )
+    kl = cfg.kl
+    _one_of("kl.controller", kl.controller, ("fixed", "adaptive"))
+    _non_negative("kl.beta", kl.beta)
+    _one_of("kl.estimator", kl.estimator, ("k1", "k2", "k3"))
+    if kl.controller == "adaptive":
+        _check(kl.target is not None and kl.target > 0, "kl.target", kl.target,
+               "kl.controller=adaptive needs a target > 0")
+        _check(kl.horizon is not None and kl.horizon > 0, "kl.horizon", kl.horizon,
+               "kl.controller=adaptive needs a horizon > 0")
 
     _unit_interval("gae.gamma", cfg.gae.gamma)
     _unit_interval("gae.lam", cfg.gae.lam)
 
-    _check(
-        cfg.hardware.device in ("cpu", "cuda"),
-        "hardware.device",
-        cfg.hardware.device,
-        "one of cpu, cuda",
-    )
-    _check(
-        cfg.hardware.autocast_dtype in ("float32", "bfloat16", "float16"),
-        "hardware.autocast_dtype",
-        cfg.hardware.autocast_dtype,
-        "one of float32, bfloat16, float16",
-    )
-    if cfg.hardware.num_threads is not None:
-        _positive("hardware.num_threads", cfg.hardware.num_threads)
+    hardware = cfg.hardware
+    _one_of("hardware.device", hardware.device, ("cpu", "cuda"))
+    _one_of("hardware.autocast_dtype", hardware.autocast_dtype, DTYPE_NAMES)
+    if hardware.num_threads is not None:
+        _positive("hardware.num_threads", hardware.num_threads)
 
-    _check(
-        cfg.data.task == "arithmetic",
-        "data.task",
-        cfg.data.task,
-        "the built-in task is 'arithmetic'",
-    )
-    _check(
-        cfg.data.max_operand >= 1,
-        "data.max_operand",
-        cfg.data.max_operand,
-        "must be >= 1",
-    )
-    num_pairs = (cfg.data.max_operand + 1) ** 2
-    _check(
-        0 < cfg.data.num_eval < num_pairs,
-        "data.num_eval",
-        cfg.data.num_eval,
-        f"must be in [1, {num_pairs - 1}] (there are {num_pairs} distinct prompts)",
-    )
-    _positive("data.max_prompt_length", cfg.data.max_prompt_length)
+    data = cfg.data
+    _one_of("data.task", data.task, ("arithmetic", "dataset"))
+    _check(data.max_operand >= 1, "data.max_operand", data.max_operand, "must be >= 1")
+    if data.task == "arithmetic":
+        num_pairs = (data.max_operand + 1) ** 2
+        _check(0 < data.num_eval < num_pairs, "data.num_eval", data.num_eval,
+               f"must be in [1, {num_pairs - 1}] (the built-in task has {num_pairs} distinct prompts)")
+    else:
+        _check(bool(data.path), "data.path", data.path, "data.task=dataset needs a file, folder or hub dataset name")
+        for key in ("path", "eval_path"):
+            value = getattr(data, key)
+            looks_local = value and (value.endswith(DATA_SUFFIXES) or value.startswith(("/", ".", "~")))
+            _check(not looks_local or Path(value).expanduser().exists(), f"data.{key}", value,
+                   "no such file or folder")
+        _positive("data.num_eval", data.num_eval)
+    _positive("data.max_prompt_length", data.max_prompt_length)
+    _one_of("data.overlong", data.overlong, ("error", "filter", "truncate"))
 
-    _positive("rollout.batch_size", cfg.rollout.batch_size)
-    _positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
-    _positive("rollout.temperature", cfg.rollout.temperature)
+    rollout, ppo = cfg.rollout, cfg.ppo
+    _positive("rollout.batch_size", rollout.batch_size)
+    _positive("rollout.max_new_tokens", rollout.max_new_tokens)
+    _positive("rollout.temperature", rollout.temperature)
+    _positive("ppo.epochs", ppo.epochs)
+    _positive("ppo.minibatch_size", ppo.minibatch_size)
+    _check(rollout.batch_size % ppo.minibatch_size == 0, "ppo.minibatch_size", ppo.minibatch_size,
+           f"must divide rollout.batch_size={rollout.batch_size}")
+    _positive("ppo.clip_eps", ppo.clip_eps)
+    if ppo.value_clip_eps is not None:
+        _positive("ppo.value_clip_eps", ppo.value_clip_eps)
+    _non_negative("ppo.vf_coef", ppo.vf_coef)
+    _non_negative("ppo.entropy_coef", ppo.entropy_coef)
+    _positive("ppo.max_grad_norm", ppo.max_grad_norm)
 
-    _positive("ppo.epochs", cfg.ppo.epochs)
-    _positive("ppo.minibatch_size", cfg.ppo.minibatch_size)
-    _check(
-        cfg.rollout.batch_size % cfg.ppo.minibatch_size == 0,
-        "ppo.minibatch_size",
-        cfg.ppo.minibatch_size,
-        f"must divide rollout.batch_size={cfg.rollout.batch_size}",
-    )
-    _positive("ppo.clip_eps", cfg.ppo.clip_eps)
-    if cfg.ppo.value_clip_eps is not None:
-        _positive("ppo.value_clip_eps", cfg.ppo.value_clip_eps)
-    _check(cfg.ppo.vf_coef >= 0, "ppo.vf_coef", cfg.ppo.vf_coef, "must be >= 0")
-    _check(
-        cfg.ppo.entropy_coef >= 0,
-        "ppo.entropy_coef",
-        cfg.ppo.entropy_coef,
-        "must be >= 0",
-    )
-    _positive("ppo.max_grad_norm", cfg.ppo.max_grad_norm)
+    logging = cfg.logging
+    _one_of("logging.wandb.mode", logging.wandb.mode, (None, "online", "offline", "disabled"))
+    _positive("logging.samples_every", logging.samples_every)
+    _non_negative("logging.num_samples", logging.num_samples)
+    _non_negative("logging.debug_samples", logging.debug_samples)
 
-    _check(
-        cfg.logging.wandb.mode in (None, "online", "offline", "disabled"),
-        "logging.wandb.mode",
-        cfg.logging.wandb.mode,
-        "one of online, offline, disabled (or null for automatic)",
-    )
-    _positive("logging.samples_every", cfg.logging.samples_every)
-    _check(
-        cfg.logging.num_samples >= 0,
-        "logging.num_samples",
-        cfg.logging.num_samples,
-        "must be >= 0",
-    )
-
-    _check(cfg.trainer.steps >= 0, "trainer.steps", cfg.trainer.steps, "must be >= 0")
+    _non_negative("trainer.steps", cfg.trainer.steps)
     _positive("trainer.eval_every", cfg.trainer.eval_every)
-    _check(
-        cfg.trainer.objective_kl_weight >= 0,
-        "trainer.objective_kl_weight",
-        cfg.trainer.objective_kl_weight,
-        "must be >= 0",
-    )
+    _non_negative("trainer.objective_kl_weight", cfg.trainer.objective_kl_weight)
+# fmt: on

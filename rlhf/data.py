@@ -1,17 +1,93 @@
-"""Prompt sets of a run: read by nothing but ``load_prompts`` (config group ``data``)."""
+"""Prompt sets of a run (config group ``data``): the built-in task, or prompts from files or a hub
+dataset through ``datasets``; checked for empty and overlong prompts before anything trains."""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
+from transformers import PreTrainedTokenizerBase
+
+from rlhf.rollout import format_prompts
 from rlhf.tasks import arithmetic
 
+# File suffix -> the `datasets` builder that reads it.
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+OVERLONG_POLICIES = ("error", "filter", "truncate")
 
-def load_prompts(task: str, max_operand: int, num_eval: int, seed: int) -> tuple[list[str], list[str]]:
-    """(train prompts, held-out prompts) of the built-in task."""
-    if task != "arithmetic":
-        raise ValueError(f"data.task={task!r}: the built-in task is 'arithmetic'")
-    return arithmetic.split_prompts(max_operand, num_eval, seed)
+
+def read_prompt_column(path: str, prompt_key: str, split: str, cache_dir: str | None = None) -> list[str]:
+    """The ``prompt_key`` column of a local file/folder (JSONL, JSON, Parquet, CSV) or hub dataset."""
+    from datasets import load_dataset
+
+    local = Path(path).expanduser()
+    try:
+        if local.is_file():
+            if local.suffix not in BUILDERS:
+                raise ValueError(f"unsupported file type {local.suffix!r}: use one of {sorted(BUILDERS)}")
+            # A single file is one split, which `datasets` calls "train".
+            dataset = load_dataset(BUILDERS[local.suffix], data_files=str(local), split="train", cache_dir=cache_dir)
+        else:
+            dataset = load_dataset(str(local) if local.is_dir() else path, split=split, cache_dir=cache_dir)
+    except Exception as error:
+        raise ValueError(f"data.path={path!r} (split {split!r}) could not be read: {error}") from error
+    if prompt_key not in dataset.column_names:
+        raise ValueError(
+            f"data.prompt_key={prompt_key!r} is not a column of {path!r}: its columns are {dataset.column_names}"
+        )
+    prompts = dataset[prompt_key]
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"prompt {i} of {path!r} (column {prompt_key!r}) is empty or not text: {prompt!r}")
+    return prompts
+
+
+def load_prompts(data) -> tuple[list[str], list[str]]:
+    """(train prompts, held-out prompts) as the ``data`` config says."""
+    if data.task == "arithmetic":
+        return arithmetic.split_prompts(data.max_operand, data.num_eval, data.seed)
+    if data.task != "dataset":
+        raise ValueError(f"data.task={data.task!r}: expected 'arithmetic' or 'dataset'")
+    prompts = read_prompt_column(data.path, data.prompt_key, data.split, data.cache_dir)
+    if data.eval_path:
+        return prompts, read_prompt_column(data.eval_path, data.prompt_key, data.eval_split, data.cache_dir)
+    if not 0 < data.num_eval < len(prompts):
+        raise ValueError(f"data.num_eval={data.num_eval} must be between 1 and {len(prompts) - 1}, "
+                         f"the number of prompts in {data.path!r} less one")  # fmt: skip
+    shuffled = list(prompts)
+    random.Random(data.seed).shuffle(shuffled)
+    return shuffled[data.num_eval :], shuffled[: data.num_eval]
+
+
+def fit_prompt_lengths(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int, policy: str, name: str
+) -> list[str]:
+    """Prompts whose chat-templated length fits ``max_length``: ``error`` (default) lists the
+    overlong ones, ``filter`` drops them, ``truncate`` keeps the end of each (the question)."""
+    lengths = [
+        len(ids) for ids in tokenizer(format_prompts(tokenizer, prompts), add_special_tokens=False)["input_ids"]
+    ]
+    overlong = [i for i, n in enumerate(lengths) if n > max_length]
+    if not overlong:
+        return prompts
+    if policy == "error":
+        first = overlong[0]
+        raise ValueError(
+            f"{len(overlong)} {name} prompt(s) exceed data.max_prompt_length={max_length} tokens after the chat "
+            f"template; the first is prompt {first} ({lengths[first]} tokens). Set data.overlong=filter or "
+            f"data.overlong=truncate, or raise data.max_prompt_length"
+        )
+    if policy == "filter":
+        kept = [p for i, p in enumerate(prompts) if i not in set(overlong)]
+        if not kept:
+            raise ValueError(f"every {name} prompt exceeds data.max_prompt_length={max_length}")
+        return kept
+    fitted = list(prompts)
+    for i in overlong:
+        ids = tokenizer(prompts[i], add_special_tokens=False)["input_ids"]
+        template_overhead = lengths[i] - len(ids)
+        fitted[i] = tokenizer.decode(ids[len(ids) - (max_length - template_overhead) :])
+    return fitted
 
 
 class PromptSampler:

@@ -19,13 +19,13 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from rlhf.config import validate
-from rlhf.data import PromptSampler, load_prompts
+from rlhf.data import PromptSampler, fit_prompt_lengths, load_prompts
 from rlhf.health import HealthMonitor
 from rlhf.job import group_of, run_dir_of, run_name_of, write_status
 from rlhf.kl import make_kl_controller
 from rlhf.models import build_critic, frozen_copy, load_actor, load_tokenizer
 from rlhf.reward import build_reward
-from rlhf.tasks.arithmetic import exact_match_reward, solve
+from rlhf.tasks.arithmetic import exact_match_reward, solve, split_prompts
 from rlhf.tiny import ensure_tiny_actor
 from rlhf.tracking import Tracker
 from rlhf.trainer import PPOTrainer, token_debug_rows
@@ -39,14 +39,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_actor_paths(cfg: DictConfig, train_prompts: list[str], eval_prompts: list[str]) -> tuple[str, str]:
-    """(model path, tokenizer path): ``model.path``, or the tiny actor built for the task."""
+def resolve_actor_paths(cfg: DictConfig) -> tuple[str, str]:
+    """(model path, tokenizer path): ``model.path``, or the tiny actor built on the built-in task."""
     if cfg.model.path:
         return cfg.model.path, cfg.model.path
-    answers = [solve(p) for p in train_prompts]
+    train_prompts, eval_prompts = split_prompts(cfg.data.max_operand, cfg.data.num_eval, cfg.data.seed)
     model_dir, tokenizer_dir = ensure_tiny_actor(
-        OmegaConf.to_object(cfg.model.tiny), cfg.model.cache_dir, train_prompts, answers, eval_prompts,
-        exact_match_reward, cfg.data.max_prompt_length,
+        OmegaConf.to_object(cfg.model.tiny), cfg.model.cache_dir, train_prompts, [solve(p) for p in train_prompts],
+        eval_prompts, exact_match_reward, cfg.data.max_prompt_length,
     )  # fmt: skip
     return str(model_dir), str(tokenizer_dir)
 
@@ -69,14 +69,18 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     seed_everything(cfg.seed)
 
     # 1. data and reward
-    train_prompts, eval_prompts = load_prompts(cfg.data.task, cfg.data.max_operand, cfg.data.num_eval, cfg.data.seed)
+    train_prompts, eval_prompts = load_prompts(cfg.data)
     reward = build_reward(
         cfg.reward.kind, cfg.reward.fn, cfg.reward.path, cfg.reward.max_length, cfg.reward.batch_size, device
     )
 
     # 2. models: actor, frozen reference, critic
-    model_path, tokenizer_path = resolve_actor_paths(cfg, train_prompts, eval_prompts)
+    model_path, tokenizer_path = resolve_actor_paths(cfg)
     tokenizer = load_tokenizer(tokenizer_path)
+    train_prompts, eval_prompts = (
+        fit_prompt_lengths(tokenizer, prompts, cfg.data.max_prompt_length, cfg.data.overlong, name)
+        for prompts, name in ((train_prompts, "training"), (eval_prompts, "held-out"))
+    )
     actor = load_actor(model_path, cfg.model.dtype).to(device)
     reference = frozen_copy(actor)
     critic = build_critic(actor, shared=cfg.model.shared_critic)

@@ -15,13 +15,18 @@ from omegaconf.errors import OmegaConfBaseException
 from rlhf.config import ConfigError, validate
 from tests.conftest import CONF_DIR, REPO, compose
 
-GROUPS = ["model", "reward", "kl", "gae", "optimizer", "hardware", "sweep"]
+GROUPS = ["model", "reward", "kl", "gae", "optimizer", "hardware", "data", "sweep"]
+# Options that need a value only the user can give.
+REQUIRED = {
+    ("reward", "classifier"): ["reward.path=/some/reward-model"],
+    ("data", "dataset"): ["data.path=some/hub-dataset"],
+}
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_validates(group, option):
-    extra = ["reward.path=/some/reward-model"] if (group, option) == ("reward", "classifier") else []
+    extra = REQUIRED.get((group, option), [])
     cfg = compose([f"{group}={option}", *extra])
     validate(cfg)
     params = [torch.nn.Parameter(torch.zeros(2))]

@@ -155,18 +155,16 @@ def test_default_task_reward_rises(make_cfg):
 def test_default_reference_knows_the_answers_but_samples_diffusely(make_cfg):
     # The built-in warm-up: the answers are the tiny actor's mode (greedy >= target) while its samples
     # are right at most half the time, so PPO has something to learn and the KL something to measure.
-    from rlhf.data import load_prompts
     from rlhf.run import resolve_actor_paths
 
     cfg = make_cfg()
-    train_prompts, eval_prompts = load_prompts("arithmetic", cfg.data.max_operand, cfg.data.num_eval, cfg.data.seed)
-    model_dir, tokenizer_dir = resolve_actor_paths(cfg, train_prompts, eval_prompts)
+    model_dir, tokenizer_dir = resolve_actor_paths(cfg)
     assert Path(model_dir, "config.json").exists() and Path(tokenizer_dir, "tokenizer.json").exists()
     built = json.loads(Path(model_dir).parent.joinpath("done").read_text())
     assert built["held_out_greedy_accuracy"] >= cfg.model.tiny.warmup_target_accuracy
     assert 0.1 <= built["held_out_sampled_accuracy"] <= 0.5
     # A second call finds the cached build.
-    assert resolve_actor_paths(cfg, train_prompts, eval_prompts) == (model_dir, tokenizer_dir)
+    assert resolve_actor_paths(cfg) == (model_dir, tokenizer_dir)
 
 
 def test_command_line_run_writes_hydra_dir_metrics_and_named_wandb_run(tiny_cache, tmp_path):
