@@ -47,6 +47,12 @@ class ModelConfig:
 
     # Hub id or local folder of a causal LM; null builds the tiny actor for the task below.
     path: str | None = None
+    # Hub id or folder of the tokenizer; null = model.path.
+    tokenizer_path: str | None = None
+    # Run code shipped with a checkpoint (only for models you trust).
+    trust_remote_code: bool = False
+    # A tokenizer without a pad token gets a new one (true) or stops the run with an error (false).
+    add_pad_token: bool = True
     # Weights dtype: float32, bfloat16 or float16.
     dtype: str = "float32"
     # Critic shares the actor's trunk (one optimizer, loss = pg + vf_coef * vf) instead of a copy.
@@ -125,6 +131,8 @@ class HardwareConfig:
     autocast_dtype: str = "float32"
     # torch intra-op threads; null leaves torch's default.
     num_threads: int | None = 1
+    # Recompute activations in the backward pass of actor and critic (less memory, more time).
+    gradient_checkpointing: bool = False
 
 
 @dataclass

@@ -22,15 +22,26 @@ from transformers import (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """The actor's tokenizer, left-padding for generation; it must have a pad token."""
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    if tokenizer.pad_token_id is None:
-        raise ValueError(
-            f"the tokenizer at {path!r} has no pad token: give it one (distinct from EOS) before training"
-        )
+PAD_TOKEN = "<|pad|>"
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, add_pad_token: bool = True) -> PreTrainedTokenizerBase:
+    """The actor's tokenizer, left-padding for generation.
+
+    A tokenizer without a pad token gets a new ``<|pad|>`` when ``add_pad_token``; otherwise it is
+    an error. (A pad equal to EOS is harmless here: the action mask comes from the first EOS, never
+    from pad ids, so the EOS always stays an action.)
+    """
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer at {path!r} has no EOS token, so responses could never end")
+    if tokenizer.pad_token_id is None:
+        if not add_pad_token:
+            raise ValueError(
+                f"the tokenizer at {path!r} has no pad token: give it one (distinct from EOS) or set "
+                "model.add_pad_token=true"
+            )
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     return tokenizer
 
 
@@ -41,10 +52,15 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
-def load_actor(path: str, dtype: str) -> PreTrainedModel:
-    """A causal LM from a hub id or local folder, dropout off."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+def load_actor(
+    path: str, dtype: str, trust_remote_code: bool = False, vocab_size: int | None = None
+) -> PreTrainedModel:
+    """A causal LM from a hub id or local folder (safetensors preferred), dropout off, its input
+    embeddings grown to ``vocab_size`` when the tokenizer gained a token (a new pad)."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     disable_dropout(model)
+    if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(vocab_size)
     # generate() fills every setting we leave unset from the checkpoint's generation_config (Qwen2.5
     # ships top_k=20, top_p=0.8, repetition_penalty=1.05), which would sample from something other
     # than the policy PPO computes log-probs for. Sampling settings come from our config alone.

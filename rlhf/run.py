@@ -42,7 +42,7 @@ def seed_everything(seed: int) -> None:
 def resolve_actor_paths(cfg: DictConfig) -> tuple[str, str]:
     """(model path, tokenizer path): ``model.path``, or the tiny actor built on the built-in task."""
     if cfg.model.path:
-        return cfg.model.path, cfg.model.path
+        return cfg.model.path, cfg.model.tokenizer_path or cfg.model.path
     train_prompts, eval_prompts = split_prompts(cfg.data.max_operand, cfg.data.num_eval, cfg.data.seed)
     model_dir, tokenizer_dir = ensure_tiny_actor(
         OmegaConf.to_object(cfg.model.tiny), cfg.model.cache_dir, train_prompts, [solve(p) for p in train_prompts],
@@ -76,14 +76,19 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
 
     # 2. models: actor, frozen reference, critic
     model_path, tokenizer_path = resolve_actor_paths(cfg)
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.add_pad_token)
     train_prompts, eval_prompts = (
         fit_prompt_lengths(tokenizer, prompts, cfg.data.max_prompt_length, cfg.data.overlong, name)
         for prompts, name in ((train_prompts, "training"), (eval_prompts, "held-out"))
     )
-    actor = load_actor(model_path, cfg.model.dtype).to(device)
+    actor = load_actor(model_path, cfg.model.dtype, cfg.model.trust_remote_code, len(tokenizer)).to(device)
+    actor.config.pad_token_id = actor.generation_config.pad_token_id = tokenizer.pad_token_id
     reference = frozen_copy(actor)
     critic = build_critic(actor, shared=cfg.model.shared_critic)
+    if cfg.hardware.gradient_checkpointing:
+        actor.activation_checkpointing_enable()
+        if critic.backbone is not actor.base_model:
+            critic.backbone.activation_checkpointing_enable()
 
     # 3. optimizers and KL controller
     if cfg.model.shared_critic:

@@ -110,12 +110,30 @@ def test_prompt_errors_name_the_prompt(tokenizer):
         encode_prompts(tokenizer, ["123456789+1=", "1+1="], max_prompt_length=8)
 
 
-def test_tokenizer_without_pad_token_is_rejected(tmp_path):
+def test_tokenizer_without_pad_token_gets_its_own_or_is_rejected(tmp_path):
     tok = build_tokenizer()
     tok.pad_token = None
     tok.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="has no pad token"):
-        load_tokenizer(str(tmp_path))
+        load_tokenizer(str(tmp_path), add_pad_token=False)
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.pad_token == "<|pad|>" and loaded.pad_token_id not in (loaded.eos_token_id, loaded.bos_token_id)
+
+
+def test_eos_stays_an_action_when_pad_equals_eos(actor, tokenizer, tmp_path):
+    # A tokenizer that pads with its EOS: masks built from pad ids would drop the EOS; ours must not.
+    tok = build_tokenizer()
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(tmp_path)
+    same = load_tokenizer(str(tmp_path))
+    assert same.pad_token_id == same.eos_token_id
+    torch.manual_seed(1)
+    samples = generate(actor, same, ["1+2=", "3+4="] * 8, max_new_tokens=6, temperature=1.0, max_prompt_length=32)
+    responses = samples.sequences[:, -samples.num_actions :]
+    ended = ~samples.truncated
+    assert ended.any()
+    last = samples.action_mask.sum(dim=1) - 1
+    assert (responses[ended, last[ended]] == same.eos_token_id).all()
 
 
 def test_checkpoint_generation_defaults_do_not_leak_into_sampling(actor, tokenizer, tmp_path):

@@ -1,0 +1,81 @@
+"""The seed's presets (model=qwen2.5-0.5b-instruct, reward=deberta-v3-large-v2) through their exact
+code path, with tiny models of the same architectures saved locally in place of the hub weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rlhf.run import build_trainer
+from tests.stand_ins import save_tiny_deberta_reward_model, save_tiny_qwen
+
+QUESTIONS = ["What is 2+3?", "Name a colour.", "Say hi.", "What is 10-4?", "Count to three.", "Is ice cold?"] * 2
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stand-ins")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS))
+    return {
+        "actor": save_tiny_qwen(root / "qwen"),
+        "reward": save_tiny_deberta_reward_model(root / "rm", root / "spm-work"),
+        "prompts": prompts,
+        "root": root,
+    }
+
+
+def preset_cfg(make_cfg, stand_ins, *extra):
+    return make_cfg(
+        "model=qwen2.5-0.5b-instruct", f"model.path={stand_ins['actor']}", "model.dtype=float32",
+        "reward=deberta-v3-large-v2", f"reward.path={stand_ins['reward']}",
+        "data=dataset", f"data.path={stand_ins['prompts']}", "data.num_eval=2", "data.max_prompt_length=64",
+        f"data.cache_dir={stand_ins['root'] / 'datasets-cache'}", "rollout.max_new_tokens=8", *extra,
+    )  # fmt: skip
+
+
+def test_presets_train_with_the_reward_model_reading_its_own_tokens(make_cfg, stand_ins):
+    trainer, train_prompts, _ = build_trainer(preset_cfg(make_cfg, stand_ins))
+    assert type(trainer.tokenizer).__name__ == "Qwen2Tokenizer"
+    assert type(trainer.reward.tokenizer).__name__ == "DebertaV2Tokenizer"
+    seen = []
+    trainer.reward.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True
+    )
+    weights = {n: p.detach().clone() for n, p in trainer.actor.named_parameters()}
+    trainer.step(train_prompts[:8])
+    samples = trainer.last_samples
+    # The RM saw "[CLS] question [SEP] answer [SEP]" built from the decoded actor response.
+    texts = trainer.reward.tokenizer.batch_decode(torch.cat(seen), skip_special_tokens=False)
+    rm_tok = trainer.reward.tokenizer
+    for text, prompt, response in zip(texts, samples.prompts, samples.responses, strict=True):
+        expected = rm_tok.decode(rm_tok(prompt, response)["input_ids"])
+        assert text.replace(rm_tok.pad_token, "").strip() == expected
+        assert text.startswith(f"[CLS] {prompt}[SEP]")
+    # The text the RM scored is exactly the sampled actions, decoded without special tokens, and
+    # nothing after the EOS (padding) made it in.
+    for i, response in enumerate(samples.responses):
+        tokens = samples.sequences[i, -samples.num_actions :][samples.action_mask[i]]
+        assert response == trainer.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert any(not torch.equal(weights[n], p) for n, p in trainer.actor.named_parameters())
+
+
+def test_actor_without_pad_token_gets_one_and_trains(make_cfg, stand_ins, tmp_path):
+    actor_dir = save_tiny_qwen(tmp_path / "qwen-no-pad", pad_token=None)
+    cfg = preset_cfg(make_cfg, {**stand_ins, "actor": actor_dir}, "reward=arithmetic")
+    trainer, train_prompts, _ = build_trainer(cfg)
+    pad = trainer.tokenizer.pad_token_id
+    assert trainer.tokenizer.pad_token == "<|pad|>" and pad != trainer.tokenizer.eos_token_id
+    assert trainer.actor.get_input_embeddings().num_embeddings > pad
+    assert trainer.actor.config.pad_token_id == pad
+    trainer.reward.fn = lambda prompts, responses: [float(len(r)) for r in responses]
+    metrics = trainer.step(train_prompts[:8])
+    assert metrics["rollout/response_length"] > 0
+
+
+def test_gradient_checkpointing_switch(make_cfg, stand_ins):
+    trainer, _, _ = build_trainer(preset_cfg(make_cfg, stand_ins, "hardware.gradient_checkpointing=true"))
+    assert trainer.actor.is_activation_checkpointing
+    assert trainer.critic.backbone.is_activation_checkpointing
