@@ -67,7 +67,8 @@ class RewardConfig:
     """How responses are scored: read by ``rlhf.reward``."""
 
     # "function": a Python callable (prompts, responses) -> scores from ``fn``;
-    # "model": a Hugging Face sequence classifier at ``path`` with its own tokenizer.
+    # "model": a Hugging Face sequence classifier at ``path`` with its own tokenizer;
+    # "http": POST {"prompts", "responses"} as JSON to ``url``, answered by {"scores"}.
     kind: str = "function"
     # Hydra node of the reward callable, e.g. {_target_: pkg.mod.fn, _partial_: true}.
     fn: Any = None
@@ -75,8 +76,22 @@ class RewardConfig:
     path: str | None = None
     # Maximum reward-model input length in its own tokens (kind=model).
     max_length: int = 512
-    # Reward-model forward batch size (kind=model).
+    # Reward-model forward batch size (kind=model), or responses per request (kind=http).
     batch_size: int = 16
+    # Endpoint of kind=http.
+    url: str | None = None
+    # Seconds before an HTTP request is given up (kind=http).
+    timeout: float = 30.0
+    # Extra attempts after a failed HTTP request (kind=http).
+    retries: int = 2
+    # Training-reward scaling: "none", "running" (running mean/std) or "fixed" (gain * score + bias).
+    normalize: str = "none"
+    # normalize=fixed: multiplier.
+    gain: float = 1.0
+    # normalize=fixed: offset.
+    bias: float = 0.0
+    # Clip training rewards to [-clip, clip] after scaling; null = no clipping.
+    clip: float | None = None
     # Score given instead when a response hits max_new_tokens without EOS; null = keep the score.
     missing_eos_penalty: float | None = None
 
@@ -316,12 +331,20 @@ def validate(cfg: Any) -> None:
            tiny.num_key_value_heads, f"must divide model.tiny.num_attention_heads={tiny.num_attention_heads}")
 
     reward = cfg.reward
-    _one_of("reward.kind", reward.kind, ("function", "model"))
+    _one_of("reward.kind", reward.kind, ("function", "model", "http"))
     if reward.kind == "function":
         _check(reward.fn is not None, "reward.fn", reward.fn,
                "reward.kind=function needs a node like {_target_: pkg.module.fn, _partial_: true}")
-    else:
+    elif reward.kind == "model":
         _check(bool(reward.path), "reward.path", reward.path, "reward.kind=model needs a hub id or folder")
+    else:
+        _check(bool(reward.url) and reward.url.startswith(("http://", "https://")), "reward.url", reward.url,
+               "reward.kind=http needs an http:// or https:// URL")
+    _positive("reward.timeout", reward.timeout)
+    _non_negative("reward.retries", reward.retries)
+    _one_of("reward.normalize", reward.normalize, ("none", "running", "fixed"))
+    if reward.clip is not None:
+        _positive("reward.clip", reward.clip)
     _positive("reward.max_length", reward.max_length)
     _positive("reward.batch_size", reward.batch_size)
 

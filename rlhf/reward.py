@@ -1,11 +1,17 @@
 """Scoring responses: one interface, ``reward(prompts, responses) -> scores (B,)``.
 
-Two kinds (config group ``reward``): a Python function chosen by Hydra ``_target_``, or a frozen
-Hugging Face sequence classifier that reads the decoded (prompt, response) with its own tokenizer.
+Three kinds (config group ``reward``): a Python function chosen by Hydra ``_target_``, a frozen
+Hugging Face sequence classifier that reads the decoded (prompt, response) with its own tokenizer,
+or an HTTP endpoint. ``RewardNormalizer`` optionally rescales and clips training rewards.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 
 import hydra
@@ -56,15 +62,86 @@ class ClassifierReward:
         return torch.cat(scores)
 
 
-def build_reward(
-    kind: str, fn: object, path: str | None, max_length: int, batch_size: int, device: torch.device
-) -> FunctionReward | ClassifierReward:
-    """The reward of a run from the ``reward`` config values."""
-    if kind == "function":
-        return FunctionReward(hydra.utils.instantiate(fn))
-    if kind == "model":
-        return ClassifierReward(path, max_length, batch_size, device)
-    raise ValueError(f"reward.kind={kind!r}: expected 'function' or 'model'")
+class HTTPReward:
+    """POST ``{"prompts": [...], "responses": [...]}`` as JSON to ``url``; the answer must be
+    ``{"scores": [...]}`` with one number per response. Failed requests are retried."""
+
+    def __init__(self, url: str, timeout: float, retries: int, batch_size: int):
+        self.url, self.timeout, self.retries, self.batch_size = url, timeout, retries, batch_size
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        scores: list[float] = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = {"prompts": prompts[start : start + self.batch_size],
+                     "responses": responses[start : start + self.batch_size]}  # fmt: skip
+            scores += self.post(batch)
+        return torch.tensor(scores, dtype=torch.float32)
+
+    def post(self, batch: dict[str, list[str]]) -> list[float]:
+        request = urllib.request.Request(
+            self.url, data=json.dumps(batch).encode(), headers={"Content-Type": "application/json"}, method="POST"
+        )
+        for attempt in range(self.retries + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                    scores = json.loads(answer.read())["scores"]
+                break
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+                if attempt == self.retries:
+                    raise RuntimeError(
+                        f"reward.url={self.url!r} failed {self.retries + 1} time(s); last error: {error}"
+                    ) from error
+                time.sleep(min(0.1 * 2**attempt, 2.0))
+            except (KeyError, ValueError) as error:
+                raise RuntimeError(f'reward.url={self.url!r} did not answer {{"scores": [...]}}: {error}') from error
+        if len(scores) != len(batch["prompts"]):
+            raise RuntimeError(
+                f"reward.url={self.url!r} returned {len(scores)} scores for {len(batch['prompts'])} responses"
+            )
+        return [float(score) for score in scores]
+
+
+class RewardNormalizer:
+    """Training-reward transform: ``running`` (subtract the running mean, divide by the running std,
+    over every score seen so far including this batch), ``fixed`` (gain * score + bias) or ``none``;
+    then clip to [-clip, clip] when ``clip`` is set. Held-out evaluation always reports raw scores."""
+
+    def __init__(self, kind: str, gain: float = 1.0, bias: float = 0.0, clip: float | None = None):
+        self.kind, self.gain, self.bias, self.clip = kind, gain, bias, clip
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0  # running moments (Chan et al. parallel update)
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
+
+    def update(self, scores: torch.Tensor) -> None:
+        n, mean = scores.numel(), scores.double().mean().item()
+        m2 = ((scores.double() - mean) ** 2).sum().item()
+        delta, total = mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.m2 += m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.kind == "running":
+            self.update(scores)
+            scores = (scores - self.mean) / max(self.std, 1e-8)
+        elif self.kind == "fixed":
+            scores = self.gain * scores + self.bias
+        if self.clip is not None:
+            scores = scores.clamp(-self.clip, self.clip)
+        return scores
+
+
+def build_reward(reward, device: torch.device) -> FunctionReward | ClassifierReward | HTTPReward:
+    """The reward of a run from the ``reward`` config group."""
+    if reward.kind == "function":
+        return FunctionReward(hydra.utils.instantiate(reward.fn))
+    if reward.kind == "model":
+        return ClassifierReward(reward.path, reward.max_length, reward.batch_size, device)
+    if reward.kind == "http":
+        return HTTPReward(reward.url, reward.timeout, reward.retries, reward.batch_size)
+    raise ValueError(f"reward.kind={reward.kind!r}: expected 'function', 'model' or 'http'")
 
 
 def check_finite(scores: torch.Tensor, step: int) -> None:

@@ -24,7 +24,7 @@ from rlhf.health import HealthMonitor
 from rlhf.job import group_of, run_dir_of, run_name_of, write_status
 from rlhf.kl import make_kl_controller
 from rlhf.models import build_critic, frozen_copy, load_actor, load_tokenizer
-from rlhf.reward import build_reward
+from rlhf.reward import RewardNormalizer, build_reward
 from rlhf.tasks.arithmetic import exact_match_reward, solve, split_prompts
 from rlhf.tiny import ensure_tiny_actor
 from rlhf.tracking import Tracker
@@ -70,9 +70,7 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
 
     # 1. data and reward
     train_prompts, eval_prompts = load_prompts(cfg.data)
-    reward = build_reward(
-        cfg.reward.kind, cfg.reward.fn, cfg.reward.path, cfg.reward.max_length, cfg.reward.batch_size, device
-    )
+    reward = build_reward(cfg.reward, device)
 
     # 2. models: actor, frozen reference, critic
     model_path, tokenizer_path = resolve_actor_paths(cfg)
@@ -102,11 +100,13 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     ]
     kl_controller = make_kl_controller(cfg.kl.controller, cfg.kl.beta, cfg.kl.target, cfg.kl.horizon)
     seed_everything(cfg.seed)  # same sampling whatever the build above consumed
+    normalizer = RewardNormalizer(cfg.reward.normalize, cfg.reward.gain, cfg.reward.bias, cfg.reward.clip)
     trainer = PPOTrainer(
         actor,
         reference,
         critic,
         reward,
+        normalizer,
         tokenizer,
         actor_optimizer,
         critic_optimizer,

@@ -31,6 +31,7 @@ class PPOTrainer:
         reference: nn.Module,
         critic: nn.Module,
         reward: Callable[[list[str], list[str]], torch.Tensor],
+        reward_normalizer: Callable[[torch.Tensor], torch.Tensor],
         tokenizer,
         actor_optimizer: torch.optim.Optimizer,
         critic_optimizer: torch.optim.Optimizer | None,
@@ -40,6 +41,7 @@ class PPOTrainer:
         seed: int,
     ):
         self.actor, self.reference, self.critic, self.reward = actor, reference, critic, reward
+        self.reward_normalizer = reward_normalizer  # training rewards only; evaluation stays raw
         self.tokenizer = tokenizer
         self.actor_optimizer, self.critic_optimizer = actor_optimizer, critic_optimizer
         self.schedulers = schedulers  # stepped once per PPO iteration
@@ -80,8 +82,9 @@ class PPOTrainer:
         with self.autocast():
             samples = self.generate(prompts)
         t1 = time.perf_counter()
-        # 2. score: reward model or reward function on the decoded text
-        scores = self.score(samples)
+        # 2. score: reward model or reward function on the decoded text, then optional scaling
+        raw_scores = self.score(samples)
+        scores = self.reward_normalizer(raw_scores)
         # 3. experience: log-probs, reference log-probs, KL-shaped rewards, values, GAE
         kl_coef = self.kl_controller.value
         with self.autocast():
@@ -103,6 +106,8 @@ class PPOTrainer:
         self.steps_done += 1
         # 6. metrics
         metrics = rollout_metrics(samples, exp, kl_coef)
+        metrics["objective/scores"] = raw_scores.mean().item()  # in the reward's own units
+        metrics["objective/scores_normalized"] = exp.scores.mean().item()
         metrics.update(update_stats)
         metrics.update(lr_metrics)
         metrics["objective/kl_coef_next"] = self.kl_controller.value

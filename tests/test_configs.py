@@ -20,6 +20,7 @@ GROUPS = ["model", "reward", "kl", "gae", "optimizer", "hardware", "data", "swee
 REQUIRED = {
     ("reward", "classifier"): ["reward.path=/some/reward-model"],
     ("data", "dataset"): ["data.path=some/hub-dataset"],
+    ("reward", "http"): ["reward.url=http://127.0.0.1:8000/score"],
 }
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
-from rlhf.reward import FunctionReward, check_finite
+from rlhf.reward import FunctionReward, HTTPReward, RewardNormalizer, check_finite
 from rlhf.run import build_trainer
 from rlhf.tasks.arithmetic import exact_match_reward, solve, split_prompts
 
@@ -52,3 +53,112 @@ def test_missing_eos_penalty_replaces_truncated_scores(make_cfg):
     assert samples.truncated.any()
     assert (scores[samples.truncated] == -1).all()
     assert (scores[~samples.truncated] != -1).all()
+
+
+class ScoreServer:
+    """A reward endpoint on 127.0.0.1: score = len(response); the first ``failures`` requests get a 500."""
+
+    def __init__(self, failures: int = 0, wrong_count: bool = False):
+        import http.server
+        import threading
+
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (the stdlib's name)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append(body)
+                if len(server.requests) <= server.failures:
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                scores = [float(len(r)) for r in body["responses"]] + ([1.0] if server.wrong_count else [])
+                payload = json.dumps({"scores": scores}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.failures, self.wrong_count, self.requests = failures, wrong_count, []
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/score"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server_factory():
+    servers = []
+
+    def make(**kwargs):
+        servers.append(ScoreServer(**kwargs))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def test_http_reward_batches_and_retries(server_factory):
+    server = server_factory(failures=2)
+    reward = HTTPReward(server.url, timeout=5, retries=2, batch_size=2)
+    scores = reward(["p1", "p2", "p3"], ["a", "bbb", "cc"])
+    assert scores.tolist() == [1.0, 3.0, 2.0]
+    # Two failed attempts, then the two batches: ["a", "bbb"] and ["cc"].
+    assert [r["responses"] for r in server.requests] == [["a", "bbb"]] * 3 + [["cc"]]
+    assert server.requests[-1]["prompts"] == ["p3"]
+
+
+def test_http_reward_errors_name_the_url(server_factory):
+    failing = server_factory(failures=10)
+    with pytest.raises(RuntimeError, match=rf"reward.url='{failing.url}' failed 2 time"):
+        HTTPReward(failing.url, timeout=5, retries=1, batch_size=8)(["p"], ["a"])
+    miscounting = server_factory(wrong_count=True)
+    with pytest.raises(RuntimeError, match="returned 2 scores for 1 responses"):
+        HTTPReward(miscounting.url, timeout=5, retries=0, batch_size=8)(["p"], ["a"])
+
+
+def test_training_with_an_http_reward(make_cfg, server_factory):
+    server = server_factory()
+    trainer, train_prompts, _ = build_trainer(make_cfg("reward=http", f"reward.url={server.url}"))
+    metrics = trainer.step(train_prompts[:8])
+    assert metrics["objective/scores"] == pytest.approx(sum(len(r) for r in trainer.last_samples.responses) / 8)
+    assert server.requests[0]["prompts"] == trainer.last_samples.prompts
+
+
+def test_running_normalizer_matches_numpy_over_all_batches():
+    import numpy as np
+
+    normalizer = RewardNormalizer("running")
+    gen = torch.Generator().manual_seed(0)
+    seen = []
+    for size in (5, 1, 9):
+        batch = 3 + 2 * torch.randn(size, generator=gen)
+        seen.append(batch)
+        out = normalizer(batch)
+        everything = torch.cat(seen).double().numpy()
+        expected = (batch.double().numpy() - everything.mean()) / everything.std(ddof=1)
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_normalizer_and_clip():
+    out = RewardNormalizer("fixed", gain=2.0, bias=-1.0, clip=2.5)(torch.tensor([0.0, 1.0, 3.0, -4.0]))
+    # 2 * [0, 1, 3, -4] - 1 = [-1, 1, 5, -9] -> clipped to [-2.5, 2.5]
+    assert out.tolist() == [-1.0, 1.0, 2.5, -2.5]
+    assert RewardNormalizer("none")(torch.tensor([7.0])).tolist() == [7.0]
+
+
+def test_normalized_training_rewards_keep_raw_scores_in_metrics(make_cfg):
+    trainer, train_prompts, _ = build_trainer(make_cfg("reward.normalize=fixed", "reward.gain=10", "reward.bias=1"))
+    metrics = trainer.step(train_prompts[:8])
+    raw = metrics["objective/scores"]
+    assert 0.0 <= raw <= 1.0
+    assert metrics["objective/scores_normalized"] == pytest.approx(10 * raw + 1)
