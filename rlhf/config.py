@@ -57,6 +57,12 @@ class ModelConfig:
     dtype: str = "float32"
     # Critic shares the actor's trunk (one optimizer, loss = pg + vf_coef * vf) instead of a copy.
     shared_critic: bool = False
+    # Critic trunk: "actor" (a copy of the actor's), "reward_model" (reward.path's) or "path" (critic_path).
+    critic_init: str = "actor"
+    # Checkpoint of the critic trunk for critic_init=path.
+    critic_path: str | None = None
+    # Value-head init std; 0 = zeros, null = 1 / (hidden size + 1).
+    value_head_std: float | None = None
     # Where built tiny models are cached (keyed by their config); null = $RLHF_CACHE or ~/.cache/rlhf.
     cache_dir: str | None = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -329,6 +335,17 @@ def validate(cfg: Any) -> None:
            f"must be a multiple of model.tiny.num_attention_heads={tiny.num_attention_heads}")
     _check(tiny.num_attention_heads % tiny.num_key_value_heads == 0, "model.tiny.num_key_value_heads",
            tiny.num_key_value_heads, f"must divide model.tiny.num_attention_heads={tiny.num_attention_heads}")
+
+    _one_of("model.critic_init", model.critic_init, ("actor", "reward_model", "path"))
+    _check(not (model.shared_critic and model.critic_init != "actor"), "model.critic_init", model.critic_init,
+           "a shared critic (model.shared_critic=true) uses the actor's own trunk: model.critic_init=actor")
+    if model.critic_init == "path":
+        _check(bool(model.critic_path), "model.critic_path", model.critic_path, "model.critic_init=path needs a path")
+    if model.critic_init == "reward_model":
+        _check(cfg.reward.kind == "model", "model.critic_init", model.critic_init,
+               "critic_init=reward_model needs reward.kind=model (a reward model to start from)")
+    if model.value_head_std is not None:
+        _non_negative("model.value_head_std", model.value_head_std)
 
     reward = cfg.reward
     _one_of("reward.kind", reward.kind, ("function", "model", "http"))

@@ -12,6 +12,7 @@ import copy
 import torch
 from torch import nn
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
@@ -88,12 +89,14 @@ def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
 class Critic(nn.Module):
     """V(s): a transformer backbone plus a ``Linear(hidden, 1)`` value head on every position."""
 
-    def __init__(self, backbone: nn.Module, hidden_size: int):
+    def __init__(self, backbone: nn.Module, hidden_size: int, value_head_std: float | None = None):
         super().__init__()
         self.backbone = backbone
         self.value_head = nn.Linear(hidden_size, 1)
-        # Small init so the first values are near 0 and the first value loss is the returns' scale.
-        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden_size + 1))
+        # Small init (std 1/(H+1) by default, 0 = all zeros) so the first values are near 0 and the
+        # first value loss is on the returns' scale.
+        std = 1.0 / (hidden_size + 1) if value_head_std is None else value_head_std
+        nn.init.normal_(self.value_head.weight, std=std) if std > 0 else nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -104,10 +107,37 @@ class Critic(nn.Module):
         return self.value_head(hidden).squeeze(-1).to(torch.float32)
 
 
-def build_critic(actor: PreTrainedModel, shared: bool) -> Critic:
-    """A critic on the actor's trunk (``shared``) or on a copy of it (the default)."""
-    backbone = actor.base_model if shared else copy.deepcopy(actor.base_model)
-    critic = Critic(backbone, actor.config.hidden_size)
+def build_critic(
+    actor: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    init: str = "actor",
+    shared: bool = False,
+    path: str | None = None,
+    value_head_std: float | None = None,
+    trust_remote_code: bool = False,
+) -> Critic:
+    """The critic: a trunk plus a value head. The trunk is the actor's own (``shared``), a copy of it
+    (``init="actor"``), or loaded from ``path`` (the reward model's, or any checkpoint). A loaded
+    trunk reads the actor's token ids, so its tokenizer must have the actor's vocabulary."""
+    if shared:
+        backbone = actor.base_model
+    elif init == "actor":
+        backbone = copy.deepcopy(actor.base_model)
+    elif init in ("reward_model", "path"):
+        other_vocab = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).get_vocab()
+        actor_vocab = tokenizer.get_vocab()
+        if any(actor_vocab.get(token) != index for token, index in other_vocab.items()):
+            raise ValueError(
+                f"model.critic_init={init}: the tokenizer at {path!r} does not share the actor's vocabulary, so a "
+                "critic built on it would misread the actor's tokens; use model.critic_init=actor"
+            )
+        backbone = AutoModel.from_pretrained(path, dtype=actor.dtype, trust_remote_code=trust_remote_code)
+        if backbone.get_input_embeddings().num_embeddings < len(tokenizer):
+            backbone.resize_token_embeddings(len(tokenizer))
+        disable_dropout(backbone)
+    else:
+        raise ValueError(f"model.critic_init={init!r}: expected actor, reward_model or path")
+    critic = Critic(backbone, backbone.config.hidden_size, value_head_std)
     return critic.to(device=actor.device, dtype=actor.dtype)
 
 

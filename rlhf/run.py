@@ -82,7 +82,11 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     actor = load_actor(model_path, cfg.model.dtype, cfg.model.trust_remote_code, len(tokenizer)).to(device)
     actor.config.pad_token_id = actor.generation_config.pad_token_id = tokenizer.pad_token_id
     reference = frozen_copy(actor)
-    critic = build_critic(actor, shared=cfg.model.shared_critic)
+    critic_path = {"reward_model": cfg.reward.path, "path": cfg.model.critic_path}.get(cfg.model.critic_init)
+    critic = build_critic(
+        actor, tokenizer, cfg.model.critic_init, cfg.model.shared_critic, critic_path, cfg.model.value_head_std,
+        cfg.model.trust_remote_code,
+    )  # fmt: skip
     if cfg.hardware.gradient_checkpointing:
         actor.activation_checkpointing_enable()
         if critic.backbone is not actor.base_model:

@@ -48,7 +48,7 @@ def test_logprobs_match_naive_per_position_log_softmax(actor, tokenizer):
 
 
 def test_left_padding_does_not_change_logprobs_or_values(actor, tokenizer):
-    critic = build_critic(actor, shared=False).eval()
+    critic = build_critic(actor, tokenizer).eval()
     ids = tokenizer("<bos><|user|>3+4=<|assistant|>7<eos>", add_special_tokens=False)["input_ids"]
     plain = torch.tensor([ids])
     padded = torch.tensor([[tokenizer.pad_token_id] * 5 + ids])
