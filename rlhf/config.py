@@ -42,6 +42,24 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the actor (peft): only adapters and the value head train."""
+
+    # Train LoRA adapters instead of all weights; the reference is the actor with adapters disabled.
+    enabled: bool = False
+    # Adapter rank.
+    r: int = 8
+    # Adapter scaling numerator (scale = alpha / r).
+    alpha: float = 16.0
+    # Dropout on the adapter input (keep 0: PPO needs the same forward at sampling and update time).
+    dropout: float = 0.0
+    # Module names that get adapters.
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
 class ModelConfig:
     """Actor (and from it reference and critic): read by ``rlhf.models``."""
 
@@ -66,6 +84,7 @@ class ModelConfig:
     # Where built tiny models are cached (keyed by their config); null = $RLHF_CACHE or ~/.cache/rlhf.
     cache_dir: str | None = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -344,6 +363,13 @@ def validate(cfg: Any) -> None:
     if model.critic_init == "reward_model":
         _check(cfg.reward.kind == "model", "model.critic_init", model.critic_init,
                "critic_init=reward_model needs reward.kind=model (a reward model to start from)")
+    if model.lora.enabled:
+        _check(model.shared_critic, "model.shared_critic", model.shared_critic,
+               "model.lora.enabled=true keeps one copy of the base model, so the critic must share it: "
+               "set model.shared_critic=true")
+        _positive("model.lora.r", model.lora.r)
+        _positive("model.lora.alpha", model.lora.alpha)
+        _check(0 <= model.lora.dropout < 1, "model.lora.dropout", model.lora.dropout, "must be in [0, 1)")
     if model.value_head_std is not None:
         _non_negative("model.value_head_std", model.value_head_std)
 

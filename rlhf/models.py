@@ -73,6 +73,34 @@ def load_actor(
     return model
 
 
+def add_lora(model: PreTrainedModel, r: int, alpha: float, dropout: float, target_modules: list[str]) -> nn.Module:
+    """The model with LoRA adapters (peft); only adapter weights require grad."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        task_type="CAUSAL_LM")  # fmt: skip
+    return get_peft_model(model, config)
+
+
+class AdapterDisabledReference(nn.Module):
+    """The reference policy of a LoRA actor: the same weights with the adapters switched off, so
+    no second copy of the base model is held. The actor is not registered as a submodule."""
+
+    def __init__(self, actor: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "actor", actor)
+
+    def forward(self, **inputs):
+        with self.actor.disable_adapter():
+            return self.actor(**inputs)
+
+
+def trunk_of(actor: nn.Module) -> nn.Module:
+    """The transformer trunk under the LM head (inside the peft wrapper for a LoRA actor)."""
+    model = actor.get_base_model() if hasattr(actor, "get_base_model") else actor
+    return model.base_model
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A deep copy with gradients off, in eval mode (the reference policy)."""
     ref = copy.deepcopy(model)
@@ -120,9 +148,9 @@ def build_critic(
     (``init="actor"``), or loaded from ``path`` (the reward model's, or any checkpoint). A loaded
     trunk reads the actor's token ids, so its tokenizer must have the actor's vocabulary."""
     if shared:
-        backbone = actor.base_model
+        backbone = trunk_of(actor)
     elif init == "actor":
-        backbone = copy.deepcopy(actor.base_model)
+        backbone = copy.deepcopy(trunk_of(actor))
     elif init in ("reward_model", "path"):
         other_vocab = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).get_vocab()
         actor_vocab = tokenizer.get_vocab()

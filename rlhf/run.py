@@ -23,7 +23,7 @@ from rlhf.data import PromptSampler, fit_prompt_lengths, load_prompts
 from rlhf.health import HealthMonitor
 from rlhf.job import group_of, run_dir_of, run_name_of, write_status
 from rlhf.kl import make_kl_controller
-from rlhf.models import build_critic, frozen_copy, load_actor, load_tokenizer
+from rlhf.models import AdapterDisabledReference, add_lora, build_critic, frozen_copy, load_actor, load_tokenizer
 from rlhf.reward import RewardNormalizer, build_reward
 from rlhf.tasks.arithmetic import exact_match_reward, solve, split_prompts
 from rlhf.tiny import ensure_tiny_actor
@@ -81,7 +81,12 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     )
     actor = load_actor(model_path, cfg.model.dtype, cfg.model.trust_remote_code, len(tokenizer)).to(device)
     actor.config.pad_token_id = actor.generation_config.pad_token_id = tokenizer.pad_token_id
-    reference = frozen_copy(actor)
+    lora = cfg.model.lora
+    if lora.enabled:
+        actor = add_lora(actor, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+        reference = AdapterDisabledReference(actor)
+    else:
+        reference = frozen_copy(actor)
     critic_path = {"reward_model": cfg.reward.path, "path": cfg.model.critic_path}.get(cfg.model.critic_init)
     critic = build_critic(
         actor, tokenizer, cfg.model.critic_init, cfg.model.shared_critic, critic_path, cfg.model.value_head_std,
@@ -93,12 +98,15 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
             critic.backbone.activation_checkpointing_enable()
 
     # 3. optimizers and KL controller
+    def trainable(*modules: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for module in modules for p in module.parameters() if p.requires_grad]
+
     if cfg.model.shared_critic:
-        params = list(actor.parameters()) + list(critic.value_head.parameters())
+        params = trainable(actor, critic.value_head)
         actor_optimizer, critic_optimizer = hydra.utils.instantiate(cfg.optimizer.actor)(params), None
     else:
-        actor_optimizer = hydra.utils.instantiate(cfg.optimizer.actor)(actor.parameters())
-        critic_optimizer = hydra.utils.instantiate(cfg.optimizer.critic)(critic.parameters())
+        actor_optimizer = hydra.utils.instantiate(cfg.optimizer.actor)(trainable(actor))
+        critic_optimizer = hydra.utils.instantiate(cfg.optimizer.critic)(trainable(critic))
     schedulers = [
         hydra.utils.instantiate(cfg.optimizer.scheduler)(opt) for opt in (actor_optimizer, critic_optimizer) if opt
     ]
