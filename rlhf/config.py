@@ -149,6 +149,8 @@ class GAEConfig:
     whiten_rewards: bool = False
     # Normalise advantages to zero mean, unit variance over the batch's action tokens.
     whiten_advantages: bool = True
+    # Clip advantages (after whitening) to [-advantage_clip, advantage_clip]; null = no clipping.
+    advantage_clip: float | None = None
 
 
 @dataclass
@@ -403,6 +405,8 @@ def validate(cfg: Any) -> None:
 
     _unit_interval("gae.gamma", cfg.gae.gamma)
     _unit_interval("gae.lam", cfg.gae.lam)
+    if cfg.gae.advantage_clip is not None:
+        _positive("gae.advantage_clip", cfg.gae.advantage_clip)
 
     hardware = cfg.hardware
     _one_of("hardware.device", hardware.device, ("cpu", "cuda"))

@@ -60,6 +60,7 @@ def make_experience(
     lam: float,
     whiten_rewards: bool,
     whiten_advantages: bool,
+    advantage_clip: float | None = None,
 ) -> Experience:
     """Log-probs, reference log-probs, KL, shaped rewards, values, advantages and returns."""
     mask = samples.action_mask
@@ -75,6 +76,8 @@ def make_experience(
     advantages, returns = compute_gae(rewards, old_values, mask, gamma, lam)
     if whiten_advantages:
         advantages = masked_whiten(advantages, mask)
+    if advantage_clip is not None:
+        advantages = advantages.clamp(-advantage_clip, advantage_clip)
     return Experience(
         sequences=samples.sequences,
         attention_mask=samples.attention_mask,

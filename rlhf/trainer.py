@@ -92,6 +92,7 @@ class PPOTrainer:
                 samples, scores, self.actor, self.reference, self.critic, kl_coef, cfg.kl.estimator,
                 cfg.rollout.temperature, cfg.gae.gamma, cfg.gae.lam, cfg.gae.whiten_rewards,
                 cfg.gae.whiten_advantages,
+                cfg.gae.advantage_clip,
             )  # fmt: skip
         t2 = time.perf_counter()
         # 4. PPO epochs over shuffled mini-batches

@@ -15,12 +15,14 @@ from omegaconf.errors import OmegaConfBaseException
 from rlhf.config import ConfigError, validate
 from tests.conftest import CONF_DIR, REPO, compose
 
-GROUPS = ["model", "reward", "kl", "gae", "optimizer", "hardware", "data", "sweep"]
+GROUPS = ["model", "reward", "kl", "gae", "optimizer", "hardware", "data", "experiment", "sweep"]
 # Options that need a value only the user can give.
 REQUIRED = {
     ("reward", "classifier"): ["reward.path=/some/reward-model"],
     ("data", "dataset"): ["data.path=some/hub-dataset"],
     ("reward", "http"): ["reward.url=http://127.0.0.1:8000/score"],
+    ("experiment", "n_implementation_details"): ["reward=classifier", "reward.path=/some/reward-model"],
+    ("experiment", "ppo_max"): ["reward=classifier", "reward.path=/some/reward-model"],
 }
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
 

@@ -10,6 +10,7 @@ import torch
 
 from rlhf.run import build_trainer
 from tests.stand_ins import save_tiny_deberta_reward_model, save_tiny_qwen
+from tests.test_train import reward_model_dir  # noqa: F401 (fixture: Qwen2 classifier on the tiny tokenizer)
 
 QUESTIONS = ["What is 2+3?", "Name a colour.", "Say hi.", "What is 10-4?", "Count to three.", "Is ice cold?"] * 2
 
@@ -79,3 +80,22 @@ def test_gradient_checkpointing_switch(make_cfg, stand_ins):
     trainer, _, _ = build_trainer(preset_cfg(make_cfg, stand_ins, "hardware.gradient_checkpointing=true"))
     assert trainer.actor.is_activation_checkpointing
     assert trainer.critic.backbone.is_activation_checkpointing
+
+
+@pytest.mark.parametrize("experiment", ["lm_human_preferences", "n_implementation_details", "ppo_max"])
+def test_experiment_presets_run_a_step(make_cfg, experiment, reward_model_dir):  # noqa: F811
+    # The tiny actor with a Qwen2 reward model on its own vocabulary, so critic_init=reward_model works.
+    cfg = make_cfg(
+        f"experiment={experiment}", "reward=classifier", f"reward.path={reward_model_dir}",
+        "rollout.max_new_tokens=6", "rollout.batch_size=8",
+    )  # fmt: skip
+    trainer, train_prompts, _ = build_trainer(cfg)
+    metrics = trainer.step(train_prompts[:8])
+    assert metrics["objective/kl_coef"] == cfg.kl.beta
+    if experiment == "lm_human_preferences":
+        assert trainer.critic.backbone is trainer.actor.base_model and trainer.critic_optimizer is None
+    else:
+        assert cfg.model.critic_init == "reward_model"
+    if experiment == "ppo_max":
+        assert trainer.last_experience.advantages.abs().max() <= 0.5
+        assert trainer.actor_optimizer.param_groups[0]["betas"] == (0.9, 0.95)
