@@ -101,6 +101,8 @@ class RewardConfig:
     path: str | None = None
     # Maximum reward-model input length in its own tokens (kind=model).
     max_length: int = 512
+    # Reward-model weights dtype (kind=model): float32, bfloat16 or float16.
+    dtype: str = "float32"
     # Reward-model forward batch size (kind=model), or responses per request (kind=http).
     batch_size: int = 16
     # Endpoint of kind=http.
@@ -391,6 +393,7 @@ def validate(cfg: Any) -> None:
     if reward.clip is not None:
         _positive("reward.clip", reward.clip)
     _positive("reward.max_length", reward.max_length)
+    _one_of("reward.dtype", reward.dtype, DTYPE_NAMES)
     _positive("reward.batch_size", reward.batch_size)
 
     kl = cfg.kl

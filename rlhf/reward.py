@@ -138,7 +138,7 @@ def build_reward(reward, device: torch.device) -> FunctionReward | ClassifierRew
     if reward.kind == "function":
         return FunctionReward(hydra.utils.instantiate(reward.fn))
     if reward.kind == "model":
-        return ClassifierReward(reward.path, reward.max_length, reward.batch_size, device)
+        return ClassifierReward(reward.path, reward.max_length, reward.batch_size, device, reward.dtype)
     if reward.kind == "http":
         return HTTPReward(reward.url, reward.timeout, reward.retries, reward.batch_size)
     raise ValueError(f"reward.kind={reward.kind!r}: expected 'function', 'model' or 'http'")
