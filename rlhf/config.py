@@ -287,6 +287,8 @@ class TrainerConfig:
     output_dir: str | None = None
     # The value train() returns to sweepers: final held-out reward - this weight * final KL.
     objective_kl_weight: float = 0.0
+    # Save the trained policy and its tokenizer to <run dir>/model at the end (LoRA: the adapters only).
+    save_model: bool = True
 
 
 @dataclass

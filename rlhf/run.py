@@ -163,6 +163,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             bar.set_postfix(reward=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
             history.append(metrics)
         summary = summarize(initial, history, time.perf_counter() - started, cfg.trainer.objective_kl_weight)
+        if cfg.trainer.save_model:
+            # save_pretrained of a peft model writes the adapters only.
+            trainer.actor.save_pretrained(run_dir / "model")
+            trainer.tokenizer.save_pretrained(run_dir / "model")
         tracker.summary(summary)
         write_status(run_dir, "completed", summary=summary)
         print_summary(summary, run_dir)

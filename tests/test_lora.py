@@ -52,3 +52,12 @@ def test_lora_trains_adapters_only_and_keeps_one_base_copy(make_cfg):
 def test_lora_needs_the_shared_critic():
     with pytest.raises(ConfigError, match=r"^model.shared_critic=False is not allowed: model.lora.enabled=true"):
         validate(compose(["model.lora.enabled=true"]))
+
+
+def test_lora_run_saves_the_adapters_only(make_cfg, tmp_path):
+    from rlhf.run import train
+
+    train(make_cfg("model.lora.enabled=true", "model.shared_critic=true"))
+    saved = {p.name for p in (tmp_path / "run" / "model").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= saved
+    assert "model.safetensors" not in saved

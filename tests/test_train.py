@@ -126,6 +126,11 @@ def test_train_logs_metrics_file_and_offline_wandb_run(make_cfg, tmp_path):
     assert rows[1]["objective/kl_coef"] == pytest.approx(0.07)
     assert "eval/score" in rows[0] and "eval/score" in rows[2]
     assert summary["final/eval_score"] == rows[2]["eval/score"]
+    # The trained policy is saved as an ordinary Hugging Face folder.
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    assert saved.config.model_type == "qwen2" and (run_dir / "model" / "tokenizer.json").exists()
 
     info = wandb_inspect(run_dir, "--summary")[0]
     assert info["config"]["kl"]["beta"] == pytest.approx(0.07)
