@@ -7,6 +7,7 @@ positions. Position ids come from the attention mask so left padding does not sh
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -23,17 +24,30 @@ from transformers import (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@contextlib.contextmanager
+def loading(key: str, path: str):
+    """Re-raise a failed checkpoint load naming the config key and path."""
+    try:
+        yield
+    except OSError as error:
+        hint = "a local folder needs config.json and the weights; a hub id needs the network (or the HF cache)"
+        raise ValueError(f"{key}={path!r} could not be loaded ({hint}): {error}") from error
+
+
 PAD_TOKEN = "<|pad|>"
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False, add_pad_token: bool = True) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    path: str, trust_remote_code: bool = False, add_pad_token: bool = True, key: str = "model.tokenizer_path"
+) -> PreTrainedTokenizerBase:
     """The actor's tokenizer, left-padding for generation.
 
     A tokenizer without a pad token gets a new ``<|pad|>`` when ``add_pad_token``; otherwise it is
     an error. (A pad equal to EOS is harmless here: the action mask comes from the first EOS, never
     from pad ids, so the EOS always stays an action.)
     """
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", trust_remote_code=trust_remote_code)
+    with loading(key, path):
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer at {path!r} has no EOS token, so responses could never end")
     if tokenizer.pad_token_id is None:
@@ -58,7 +72,8 @@ def load_actor(
 ) -> PreTrainedModel:
     """A causal LM from a hub id or local folder (safetensors preferred), dropout off, its input
     embeddings grown to ``vocab_size`` when the tokenizer gained a token (a new pad)."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    with loading("model.path", path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     disable_dropout(model)
     if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(vocab_size)
@@ -152,7 +167,9 @@ def build_critic(
     elif init == "actor":
         backbone = copy.deepcopy(trunk_of(actor))
     elif init in ("reward_model", "path"):
-        other_vocab = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).get_vocab()
+        key = "reward.path" if init == "reward_model" else "model.critic_path"
+        with loading(key, path):
+            other_vocab = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).get_vocab()
         actor_vocab = tokenizer.get_vocab()
         if any(actor_vocab.get(token) != index for token, index in other_vocab.items()):
             raise ValueError(

@@ -18,7 +18,7 @@ import hydra
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf.models import DTYPES, disable_dropout
+from rlhf.models import DTYPES, disable_dropout, loading
 
 
 class FunctionReward:
@@ -39,8 +39,9 @@ class ClassifierReward:
     """
 
     def __init__(self, path: str, max_length: int, batch_size: int, device: torch.device, dtype: str = "float32"):
-        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
+        with loading("reward.path", path):
+            self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
         disable_dropout(self.model)
         self.model.eval().requires_grad_(False)
         self.max_length = max_length

@@ -74,7 +74,8 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
 
     # 2. models: actor, frozen reference, critic
     model_path, tokenizer_path = resolve_actor_paths(cfg)
-    tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.add_pad_token)
+    tokenizer_key = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
+    tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.add_pad_token, tokenizer_key)
     train_prompts, eval_prompts = (
         fit_prompt_lengths(tokenizer, prompts, cfg.data.max_prompt_length, cfg.data.overlong, name)
         for prompts, name in ((train_prompts, "training"), (eval_prompts, "held-out"))

@@ -99,3 +99,15 @@ def test_experiment_presets_run_a_step(make_cfg, experiment, reward_model_dir): 
     if experiment == "ppo_max":
         assert trainer.last_experience.advantages.abs().max() <= 0.5
         assert trainer.actor_optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["model=qwen2.5-0.5b-instruct", "model.path=/no/such/model"], "model.path"),
+        (["reward=deberta-v3-large-v2", "reward.path=/no/such/reward-model"], "reward.path"),
+    ],
+)
+def test_missing_checkpoints_name_the_key(make_cfg, overrides, key):
+    with pytest.raises(ValueError, match=rf"^{key}='/no/such/[a-z-]+' could not be loaded"):
+        build_trainer(make_cfg(*overrides))
