@@ -289,6 +289,8 @@ class TrainerConfig:
     objective_kl_weight: float = 0.0
     # Save the trained policy and its tokenizer to <run dir>/model at the end (LoRA: the adapters only).
     save_model: bool = True
+    # Module prefixes a command-line `_target_` may name besides rlhf.* and torch.optim.*.
+    allowed_targets: list[str] = field(default_factory=list)
 
 
 @dataclass

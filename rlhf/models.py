@@ -13,6 +13,7 @@ import copy
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -58,6 +59,18 @@ def load_tokenizer(
             )
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     return tokenizer
+
+
+def check_context_length(path: str, max_prompt_length: int, max_new_tokens: int, trust_remote_code: bool) -> None:
+    """Prompt plus response must fit the model's positions (read from its config, not its weights)."""
+    with loading("model.path", path):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and max_prompt_length + max_new_tokens > context:
+        raise ValueError(
+            f"data.max_prompt_length={max_prompt_length} + rollout.max_new_tokens={max_new_tokens} = "
+            f"{max_prompt_length + max_new_tokens} tokens exceeds the context of {path!r} ({context} positions)"
+        )
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -18,12 +18,21 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from rlhf.config import validate
+from rlhf.config import DataConfig, validate
 from rlhf.data import PromptSampler, fit_prompt_lengths, load_prompts
 from rlhf.health import HealthMonitor
-from rlhf.job import group_of, run_dir_of, run_name_of, write_status
+from rlhf.job import check_command_line_targets, group_of, run_dir_of, run_name_of, write_status
 from rlhf.kl import make_kl_controller
-from rlhf.models import AdapterDisabledReference, add_lora, build_critic, frozen_copy, load_actor, load_tokenizer
+from rlhf.models import (
+    AdapterDisabledReference,
+    add_lora,
+    build_critic,
+    check_context_length,
+    frozen_copy,
+    load_actor,
+    load_tokenizer,
+    trunk_of,
+)
 from rlhf.reward import RewardNormalizer, build_reward
 from rlhf.tasks.arithmetic import exact_match_reward, solve, split_prompts
 from rlhf.tiny import ensure_tiny_actor
@@ -43,10 +52,13 @@ def resolve_actor_paths(cfg: DictConfig) -> tuple[str, str]:
     """(model path, tokenizer path): ``model.path``, or the tiny actor built on the built-in task."""
     if cfg.model.path:
         return cfg.model.path, cfg.model.tokenizer_path or cfg.model.path
-    train_prompts, eval_prompts = split_prompts(cfg.data.max_operand, cfg.data.num_eval, cfg.data.seed)
+    # The run's own split when it trains on the task (its held-out prompts stay unseen in the warm-up
+    # too); the task's default split when the run's prompts come from elsewhere.
+    task = cfg.data if cfg.data.task == "arithmetic" else DataConfig()
+    train_prompts, eval_prompts = split_prompts(task.max_operand, task.num_eval, task.seed)
     model_dir, tokenizer_dir = ensure_tiny_actor(
         OmegaConf.to_object(cfg.model.tiny), cfg.model.cache_dir, train_prompts, [solve(p) for p in train_prompts],
-        eval_prompts, exact_match_reward, cfg.data.max_prompt_length,
+        eval_prompts, exact_match_reward,
     )  # fmt: skip
     return str(model_dir), str(tokenizer_dir)
 
@@ -60,19 +72,17 @@ def evaluate(trainer: PPOTrainer, prompts: list[str]) -> dict[str, float]:
 
 def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     """Validate the config, then build data, reward and models: (trainer, train prompts, held-out prompts)."""
-    # 0. check the config before anything is built
+    # 0. check the config, and everything else that is cheap to check, before any model is loaded
     validate(cfg)
+    check_command_line_targets(list(cfg.trainer.allowed_targets))
     hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
     if cfg.hardware.num_threads is not None:
         torch.set_num_threads(cfg.hardware.num_threads)
     device = torch.device(cfg.hardware.device)
     seed_everything(cfg.seed)
 
-    # 1. data and reward
+    # 1. prompts, the actor's tokenizer, and whether prompts and responses fit the actor's context
     train_prompts, eval_prompts = load_prompts(cfg.data)
-    reward = build_reward(cfg.reward, device)
-
-    # 2. models: actor, frozen reference, critic
     model_path, tokenizer_path = resolve_actor_paths(cfg)
     tokenizer_key = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.add_pad_token, tokenizer_key)
@@ -80,6 +90,12 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
         fit_prompt_lengths(tokenizer, prompts, cfg.data.max_prompt_length, cfg.data.overlong, name)
         for prompts, name in ((train_prompts, "training"), (eval_prompts, "held-out"))
     )
+    check_context_length(
+        model_path, cfg.data.max_prompt_length, cfg.rollout.max_new_tokens, cfg.model.trust_remote_code
+    )
+
+    # 2. reward, then the models: actor, frozen reference, critic
+    reward = build_reward(cfg.reward, device)
     actor = load_actor(model_path, cfg.model.dtype, cfg.model.trust_remote_code, len(tokenizer)).to(device)
     actor.config.pad_token_id = actor.generation_config.pad_token_id = tokenizer.pad_token_id
     lora = cfg.model.lora
@@ -95,7 +111,7 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     )  # fmt: skip
     if cfg.hardware.gradient_checkpointing:
         actor.activation_checkpointing_enable()
-        if critic.backbone is not actor.base_model:
+        if critic.backbone is not trunk_of(actor):
             critic.backbone.activation_checkpointing_enable()
 
     # 3. optimizers and KL controller

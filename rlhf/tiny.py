@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 # Bump when the build itself changes, so old caches are not reused.
 BUILD_VERSION = 2
+# Prompt-length bound of the warm-up: the task's prompts are far shorter, so the build never depends
+# on the run's data.max_prompt_length (and a changed setting never rebuilds the model).
+WARMUP_MAX_PROMPT_LENGTH = 64
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -175,7 +178,6 @@ def ensure_tiny_actor(
     train_answers: list[str],
     eval_prompts: list[str],
     reward_fn: Callable[[list[str], list[str]], list[float]],
-    max_prompt_length: int,
 ) -> tuple[Path, Path]:
     """Build (or find in the cache) the tiny actor; returns (model folder, tokenizer folder).
 
@@ -183,7 +185,7 @@ def ensure_tiny_actor(
     a Qwen2Tokenizer with different ids.
     """
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    key = cache_key(cfg, train=train_prompts, eval=eval_prompts, max_prompt_length=max_prompt_length)
+    key = cache_key(cfg, train=train_prompts, eval=eval_prompts)
     target = root / f"tiny-{key}"
     if (target / "done").exists():
         return target / "model", target / "tokenizer"
@@ -194,7 +196,7 @@ def ensure_tiny_actor(
     tokenizer = load_tokenizer(str(staging / "tokenizer"))  # size the model by the tokenizer as reloaded
     model = build_model(cfg, len(tokenizer), tokenizer)
     greedy, sampled = warm_up(
-        model, tokenizer, cfg, train_prompts, train_answers, eval_prompts, reward_fn, max_prompt_length
+        model, tokenizer, cfg, train_prompts, train_answers, eval_prompts, reward_fn, WARMUP_MAX_PROMPT_LENGTH
     )
     model.save_pretrained(staging / "model")
     (staging / "done").write_text(

@@ -1,0 +1,142 @@
+"""Bad overrides and inputs fail fast, before any model is loaded, with a message naming the key,
+file or sample and what is allowed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import OmegaConfBaseException
+
+import rlhf.reward
+import rlhf.run
+from rlhf.run import build_trainer, resolve_actor_paths
+from tests.conftest import REPO
+from tests.stand_ins import save_tiny_qwen
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-inputs")
+
+    def jsonl(name, rows):
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return root / name
+
+    ok = [{"prompt": f"{a}+{a}="} for a in range(10)]
+    (root / "broken.parquet").write_bytes(b"not parquet at all")
+    return {
+        "good": jsonl("good.jsonl", ok),
+        "empty": jsonl("empty.jsonl", [ok[0], {"prompt": ""}, *ok[2:]]),
+        "long": jsonl("long.jsonl", [*ok[:3], {"prompt": "1" * 200 + "+1="}, *ok[3:]]),
+        "broken": root / "broken.parquet",
+        "no_pad": save_tiny_qwen(root / "qwen-no-pad", pad_token=None),
+        "cache": root / "datasets-cache",
+    }
+
+
+def dataset(files, name, *extra):
+    return ["data=dataset", f"data.path={files[name]}", "data.num_eval=2", f"data.cache_dir={files['cache']}", *extra]
+
+
+# (overrides, what the error must say). `files` entries are filled in by the test.
+CASES = [
+    # wrong types and unknown keys: refused while Hydra composes the config
+    (["kl.beta=abc"], "kl.beta"),
+    (["gae.lam=high"], "gae.lam"),
+    (["ppo.epochs=1.5"], "ppo.epochs"),
+    (["rollout.batch_size=many"], "rollout.batch_size"),
+    (["kl.betta=1"], "betta"),
+    # out-of-range values and relations: rlhf.config.validate
+    (["gae.lam=1.5"], "gae.lam=1.5 is not allowed: must be in [0, 1]"),
+    (["gae.gamma=-0.1"], "gae.gamma=-0.1 is not allowed: must be in [0, 1]"),
+    (["ppo.clip_eps=0"], "ppo.clip_eps=0.0 is not allowed: must be > 0"),
+    (["kl.beta=-1"], "kl.beta=-1.0 is not allowed: must be >= 0"),
+    (["ppo.epochs=0"], "ppo.epochs=0 is not allowed: must be > 0"),
+    (["ppo.minibatch_size=5"], "ppo.minibatch_size=5 is not allowed: must divide rollout.batch_size=8"),
+    (["kl.estimator=k4"], "kl.estimator='k4' is not allowed: one of k1, k2, k3"),
+    (["kl.controller=pid"], "kl.controller='pid' is not allowed: one of fixed, adaptive"),
+    (["kl=adaptive", "kl.target=null"], "kl.target=None is not allowed"),
+    (["rollout.temperature=0"], "rollout.temperature=0.0 is not allowed"),
+    (["rollout.max_new_tokens=0"], "rollout.max_new_tokens=0 is not allowed"),
+    (["ppo.vf_coef=-1"], "ppo.vf_coef=-1.0 is not allowed"),
+    (["ppo.value_clip_eps=0"], "ppo.value_clip_eps=0.0 is not allowed"),
+    (["gae.advantage_clip=0"], "gae.advantage_clip=0.0 is not allowed"),
+    (["model.dtype=int8"], "model.dtype='int8' is not allowed: one of float32, bfloat16, float16"),
+    (["hardware.device=tpu"], "hardware.device='tpu' is not allowed: one of cpu, cuda"),
+    (["logging.wandb.mode=cloud"], "logging.wandb.mode='cloud' is not allowed"),
+    (["trainer.steps=-1"], "trainer.steps=-1 is not allowed"),
+    (["data.num_eval=0"], "data.num_eval=0 is not allowed"),
+    (["data.overlong=cut"], "data.overlong='cut' is not allowed: one of error, filter, truncate"),
+    (["reward.kind=oracle"], "reward.kind='oracle' is not allowed: one of function, model, http"),
+    (["reward.clip=-1"], "reward.clip=-1.0 is not allowed"),
+    (["model.lora.enabled=true"], "model.shared_critic=False is not allowed: model.lora.enabled=true"),
+    (["model.critic_init=path"], "model.critic_path=None is not allowed"),
+    (["reward=http"], "reward.url"),
+    (
+        ["data=dataset", "data.path=/no/such/prompts.jsonl"],
+        "data.path='/no/such/prompts.jsonl' is not allowed: no such",
+    ),
+    # files, models and samples: checked after validation, before any model is loaded
+    (["@broken"], "could not be read"),
+    (["@empty"], "prompt 1 of"),
+    (["@good", "data.prompt_key=question"], "data.prompt_key='question' is not a column"),
+    (["@long", "data.max_prompt_length=32"], "1 training prompt(s) exceed data.max_prompt_length=32"),
+    (["data.max_prompt_length=100", "rollout.max_new_tokens=64"], "= 164 tokens exceeds the context"),
+    (["model.path=/no/such/model"], "model.path='/no/such/model' could not be loaded"),
+    (["@no_pad_model", "model.add_pad_token=false"], "has no pad token"),
+    (["reward=classifier", "reward.path=/no/such/rm"], "reward.path='/no/such/rm' could not be loaded"),
+]
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any model load fails the test: errors must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(rlhf.run, "load_actor", refuse)
+    monkeypatch.setattr(rlhf.reward.AutoModelForSequenceClassification, "from_pretrained", refuse)
+
+
+def expand(overrides, files):
+    out = []
+    for o in overrides:
+        if o == "@no_pad_model":
+            out.append(f"model.path={files['no_pad']}")
+        elif o.startswith("@"):
+            out += dataset(files, o[1:])
+        else:
+            out.append(o)
+    return out
+
+
+@pytest.mark.parametrize(("overrides", "message"), CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_bad_input_fails_fast_naming_it(make_cfg, files, no_model_loads, overrides, message):
+    resolve_actor_paths(make_cfg())  # the built-in tiny actor is cached, as on any second run
+    started = time.perf_counter()
+    with pytest.raises((ValueError, ConfigCompositionException, OmegaConfBaseException)) as info:
+        build_trainer(make_cfg(*expand(overrides, files)))
+    elapsed = time.perf_counter() - started
+    text = str(info.value) + str(info.value.__cause__ or "")
+    assert message in text, text
+    assert elapsed < 5.0, elapsed
+
+
+def test_command_line_target_outside_the_allow_list_is_refused(tmp_path):
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "train.py", "reward.fn._target_=os.system", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "reward.fn._target_='os.system' is not allowed" in result.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+    assert time.perf_counter() - started < 60
+    assert Path(tmp_path).exists()
