@@ -119,6 +119,9 @@ class RewardConfig:
     bias: float = 0.0
     # Clip training rewards to [-clip, clip] after scaling; null = no clipping.
     clip: float | None = None
+    # A NaN/inf score: "error" stops the step before any update, naming the samples; "mask" drops
+    # those samples from the update and the statistics and counts them (objective/nonfinite_scores).
+    on_nonfinite: str = "error"
     # Score given instead when a response hits max_new_tokens without EOS; null = keep the score.
     missing_eos_penalty: float | None = None
 
@@ -239,6 +242,8 @@ class PPOConfig:
     entropy_coef: float = 0.0
     # Gradient norm clip per model.
     max_grad_norm: float = 1.0
+    # Optimizer steps with a non-finite loss or gradient are skipped; this many in a row stop the run.
+    max_consecutive_skips: int = 10
 
 
 @dataclass
@@ -394,6 +399,7 @@ def validate(cfg: Any) -> None:
     _positive("reward.timeout", reward.timeout)
     _non_negative("reward.retries", reward.retries)
     _one_of("reward.normalize", reward.normalize, ("none", "running", "fixed"))
+    _one_of("reward.on_nonfinite", reward.on_nonfinite, ("error", "mask"))
     if reward.clip is not None:
         _positive("reward.clip", reward.clip)
     _positive("reward.max_length", reward.max_length)
@@ -453,6 +459,7 @@ def validate(cfg: Any) -> None:
     _non_negative("ppo.vf_coef", ppo.vf_coef)
     _non_negative("ppo.entropy_coef", ppo.entropy_coef)
     _positive("ppo.max_grad_norm", ppo.max_grad_norm)
+    _positive("ppo.max_consecutive_skips", ppo.max_consecutive_skips)
 
     logging = cfg.logging
     _one_of("logging.wandb.mode", logging.wandb.mode, (None, "online", "offline", "disabled"))

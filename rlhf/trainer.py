@@ -49,6 +49,7 @@ class PPOTrainer:
         self.cfg = cfg
         self.generator = torch.Generator().manual_seed(seed)  # mini-batch shuffling only
         self.steps_done = 0
+        self.consecutive_skips = 0  # optimizer steps skipped in a row for non-finite values
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision for forwards when ``hardware.autocast_dtype`` is not float32."""
@@ -66,9 +67,14 @@ class PPOTrainer:
         )  # fmt: skip
 
     def score(self, samples: Samples) -> torch.Tensor:
-        """(B,) scores, with the missing-EOS penalty replacing the score of truncated responses."""
+        """(B,) scores, with the missing-EOS penalty replacing the score of truncated responses.
+
+        A NaN/inf score stops the run naming the samples (``reward.on_nonfinite=error``) or is kept as
+        it is for the caller to mask out (``mask``).
+        """
         scores = self.reward(samples.prompts, samples.responses).float()
-        check_finite(scores, self.steps_done + 1)
+        if self.cfg.reward.on_nonfinite == "error":
+            check_finite(scores, self.steps_done + 1)
         penalty = self.cfg.reward.missing_eos_penalty
         if penalty is not None:
             scores = torch.where(samples.truncated.cpu(), torch.full_like(scores, penalty), scores)
@@ -82,9 +88,14 @@ class PPOTrainer:
         with self.autocast():
             samples = self.generate(prompts)
         t1 = time.perf_counter()
-        # 2. score: reward model or reward function on the decoded text, then optional scaling
+        # 2. score: reward model or reward function on the decoded text, then optional scaling;
+        # samples with a non-finite score (reward.on_nonfinite=mask) lose their actions: advantage 0,
+        # out of every statistic
         raw_scores = self.score(samples)
-        scores = self.reward_normalizer(raw_scores)
+        finite = torch.isfinite(raw_scores)
+        samples.action_mask &= finite[:, None].to(samples.action_mask.device)
+        scores = torch.zeros_like(raw_scores)
+        scores[finite] = self.reward_normalizer(raw_scores[finite])
         # 3. experience: log-probs, reference log-probs, KL-shaped rewards, values, GAE
         kl_coef = self.kl_controller.value
         with self.autocast():
@@ -107,7 +118,8 @@ class PPOTrainer:
         self.steps_done += 1
         # 6. metrics
         metrics = rollout_metrics(samples, exp, kl_coef)
-        metrics["objective/scores"] = raw_scores.mean().item()  # in the reward's own units
+        metrics["objective/scores"] = raw_scores[finite].mean().item()  # in the reward's own units
+        metrics["objective/nonfinite_scores"] = int((~finite).sum())
         metrics["objective/scores_normalized"] = exp.scores.mean().item()
         metrics.update(update_stats)
         metrics.update(lr_metrics)
@@ -144,7 +156,14 @@ class PPOTrainer:
                 pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, ppo.clip_eps)
                 vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, mask, ppo.value_clip_eps)
                 loss = pg_loss + ppo.vf_coef * vf_loss - ppo.entropy_coef * entropy
-                actor_norm, critic_norm = self.optimize(loss)
+                actor_norm, critic_norm, skipped = self.optimize(loss)
+                self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+                sums["optim/skipped_steps"] += skipped
+                if self.consecutive_skips >= ppo.max_consecutive_skips:
+                    raise FloatingPointError(
+                        f"step {self.steps_done + 1}: {self.consecutive_skips} optimizer steps in a row were skipped "
+                        f"for a non-finite loss or gradient (ppo.max_consecutive_skips={ppo.max_consecutive_skips})"
+                    )
                 if epoch == 0 and start == 0:
                     # The first mini-batch sees the weights that produced old_logprobs: ratio must be 1.
                     sums["policy/ratio_dev_first"] = pg_stats["ratio_max_dev"].item()
@@ -157,10 +176,13 @@ class PPOTrainer:
                 ):  # fmt: skip
                     sums[key] += float(value.detach())
                 count += 1
-        return {k: (v if k == "policy/ratio_dev_first" else v / count) for k, v in sums.items()}
+        totals = ("policy/ratio_dev_first", "optim/skipped_steps")  # reported as they are, not averaged
+        return {k: (v if k in totals else v / count) for k, v in sums.items()}
 
-    def optimize(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backward, clip each model's gradient norm, step; returns the norms before clipping.
+    def optimize(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Backward, clip each model's gradient norm, step; returns the norms before clipping and
+        whether the step was skipped. A non-finite loss or gradient norm skips the step: parameters
+        and optimizer state stay bitwise as they were.
 
         With a shared trunk the critic's own parameters are just the value head (the trunk is the
         actor's and is clipped with it).
@@ -174,9 +196,13 @@ class PPOTrainer:
         critic_params = self.critic.value_head.parameters() if shared else self.critic.parameters()
         actor_norm = nn.utils.clip_grad_norm_(self.actor.parameters(), max_norm)
         critic_norm = nn.utils.clip_grad_norm_(critic_params, max_norm)
+        if not (torch.isfinite(loss) and torch.isfinite(actor_norm) and torch.isfinite(critic_norm)):
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            return actor_norm, critic_norm, True
         for optimizer in optimizers:
             optimizer.step()
-        return actor_norm, critic_norm
+        return actor_norm, critic_norm, False
 
     def optimizer_metrics(self) -> dict[str, float]:
         """Current learning rates."""

@@ -1,0 +1,55 @@
+"""Non-finite rewards, losses and gradients: stop before any update, or mask / skip and count."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf.reward import FunctionReward
+from rlhf.run import build_trainer
+
+
+def nan_for_second(prompts, responses):
+    return [math.nan if i == 1 else float(len(r)) for i, r in enumerate(responses)]
+
+
+def snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def test_masked_nonfinite_rewards_drop_their_samples(make_cfg):
+    trainer, train_prompts, _ = build_trainer(make_cfg("reward.on_nonfinite=mask"))
+    trainer.reward = FunctionReward(nan_for_second)
+    before = snapshot(trainer.actor)
+    metrics = trainer.step(train_prompts[:8])
+    exp = trainer.last_experience
+    assert metrics["objective/nonfinite_scores"] == 1
+    assert not exp.action_mask[1].any() and exp.advantages[1].abs().sum() == 0 and exp.rewards[1].abs().sum() == 0
+    assert all(exp.action_mask[i].any() for i in (0, 2, 3))
+    assert math.isfinite(metrics["objective/scores"]) and math.isfinite(metrics["loss/policy"])
+    assert any(not torch.equal(before[n], p) for n, p in trainer.actor.named_parameters())
+
+
+def test_nonfinite_loss_skips_the_step_and_leaves_weights_bitwise(make_cfg):
+    trainer, train_prompts, _ = build_trainer(make_cfg("ppo.epochs=2"))
+    trainer.step(train_prompts[:8])
+    exp = trainer.last_experience
+    exp.advantages = torch.full_like(exp.advantages, math.nan)
+    actor, critic = snapshot(trainer.actor), snapshot(trainer.critic)
+    adam_steps = [s["step"].clone() for s in trainer.actor_optimizer.state.values()]
+    stats = trainer.ppo_update(exp)
+    assert stats["optim/skipped_steps"] == 4  # 2 epochs x 2 mini-batches of 4
+    assert all(torch.equal(actor[n], p) for n, p in trainer.actor.named_parameters())
+    assert all(torch.equal(critic[n], p) for n, p in trainer.critic.named_parameters())
+    assert [s["step"] for s in trainer.actor_optimizer.state.values()] == adam_steps
+
+
+def test_too_many_skips_in_a_row_stop_the_run(make_cfg):
+    trainer, train_prompts, _ = build_trainer(make_cfg("ppo.epochs=2", "ppo.max_consecutive_skips=3"))
+    trainer.step(train_prompts[:8])
+    exp = trainer.last_experience
+    exp.advantages = torch.full_like(exp.advantages, math.inf)
+    with pytest.raises(FloatingPointError, match=r"3 optimizer steps in a row were skipped .*max_consecutive_skips=3"):
+        trainer.ppo_update(exp)
