@@ -42,10 +42,13 @@ from rlhf.trainer import PPOTrainer, token_debug_rows
 log = logging.getLogger(__name__)
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed every source of randomness (Python, NumPy, torch CPU and CUDA) and return the dedicated
+    generator that shuffles PPO mini-batches."""
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # also seeds CUDA
+    return torch.Generator().manual_seed(seed)
 
 
 def resolve_actor_paths(cfg: DictConfig) -> tuple[str, str]:
@@ -81,11 +84,13 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     if cfg.hardware.num_threads is not None:
         torch.set_num_threads(cfg.hardware.num_threads)
     device = torch.device(cfg.hardware.device)
-    seed_everything(cfg.seed)
 
     # 1. prompts, the actor's tokenizer, and whether prompts and responses fit the actor's context
     train_prompts, eval_prompts = load_prompts(cfg.data)
     model_path, tokenizer_path = resolve_actor_paths(cfg)
+    # Seed here, after the one step whose use of randomness depends on the cache (building the tiny
+    # actor or finding it built): from now on the run is a function of its config alone.
+    shuffle_generator = seed_everything(cfg.seed)
     tokenizer_key = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.add_pad_token, tokenizer_key)
     train_prompts, eval_prompts = (
@@ -130,7 +135,6 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
         hydra.utils.instantiate(cfg.optimizer.scheduler)(opt) for opt in (actor_optimizer, critic_optimizer) if opt
     ]
     kl_controller = make_kl_controller(cfg.kl.controller, cfg.kl.beta, cfg.kl.target, cfg.kl.horizon)
-    seed_everything(cfg.seed)  # same sampling whatever the build above consumed
     normalizer = RewardNormalizer(cfg.reward.normalize, cfg.reward.gain, cfg.reward.bias, cfg.reward.clip)
     trainer = PPOTrainer(
         actor,
@@ -144,7 +148,7 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
         schedulers,
         kl_controller,
         cfg,
-        cfg.seed,
+        shuffle_generator,
     )
     return trainer, train_prompts, eval_prompts
 

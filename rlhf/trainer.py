@@ -38,7 +38,7 @@ class PPOTrainer:
         schedulers: list[torch.optim.lr_scheduler.LRScheduler],
         kl_controller,
         cfg,
-        seed: int,
+        shuffle_generator: torch.Generator,
     ):
         self.actor, self.reference, self.critic, self.reward = actor, reference, critic, reward
         self.reward_normalizer = reward_normalizer  # training rewards only; evaluation stays raw
@@ -47,7 +47,7 @@ class PPOTrainer:
         self.schedulers = schedulers  # stepped once per PPO iteration
         self.kl_controller = kl_controller
         self.cfg = cfg
-        self.generator = torch.Generator().manual_seed(seed)  # mini-batch shuffling only
+        self.generator = shuffle_generator  # mini-batch shuffling only
         self.steps_done = 0
         self.consecutive_skips = 0  # optimizer steps skipped in a row for non-finite values
 
