@@ -294,6 +294,14 @@ class TrainerConfig:
     objective_kl_weight: float = 0.0
     # Save the trained policy and its tokenizer to <run dir>/model at the end (LoRA: the adapters only).
     save_model: bool = True
+    # A checkpoint every this many steps (and at the end); 0 = only at the end.
+    save_every: int = 100
+    # Complete checkpoints kept; older ones are deleted after a new one is complete.
+    keep_last: int = 2
+    # "auto" (continue from the latest checkpoint in the run dir if there is one), "true" (must), "false".
+    resume: str = "auto"
+    # Resume even when config keys other than trainer.steps changed since the checkpoint.
+    allow_config_change: bool = False
     # Module prefixes a command-line `_target_` may name besides rlhf.* and torch.optim.*.
     allowed_targets: list[str] = field(default_factory=list)
 
@@ -470,4 +478,8 @@ def validate(cfg: Any) -> None:
     _non_negative("trainer.steps", cfg.trainer.steps)
     _positive("trainer.eval_every", cfg.trainer.eval_every)
     _non_negative("trainer.objective_kl_weight", cfg.trainer.objective_kl_weight)
+    _non_negative("trainer.save_every", cfg.trainer.save_every)
+    _positive("trainer.keep_last", cfg.trainer.keep_last)
+    # From the command line `trainer.resume=true` arrives as the string "True".
+    _one_of("trainer.resume", str(cfg.trainer.resume).lower(), ("auto", "true", "false"))
 # fmt: on

@@ -99,6 +99,15 @@ class PromptSampler:
         self.rng = random.Random(seed)
         self.order: list[int] = []
 
+    def state_dict(self) -> dict:
+        """Position in the current pass and the shuffling RNG."""
+        return {"order": list(self.order), "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order = list(state["order"])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
     def next_batch(self) -> list[str]:
         """The next ``batch_size`` prompts; a new shuffle starts when a pass runs out."""
         batch = []

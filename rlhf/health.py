@@ -43,6 +43,12 @@ class HealthMonitor:
         self.first_length: float | None = None
         self.warned: set[str] = set()
 
+    def state_dict(self) -> dict:
+        return {"first_length": self.first_length, "warned": sorted(self.warned)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.first_length, self.warned = state["first_length"], set(state["warned"])
+
     def __call__(self, metrics: dict[str, float], step: int) -> dict[str, float]:
         length = metrics["rollout/response_length"]
         if self.first_length is None:

@@ -111,6 +111,12 @@ class RewardNormalizer:
         self.kind, self.gain, self.bias, self.clip = kind, gain, bias, clip
         self.count, self.mean, self.m2 = 0, 0.0, 0.0  # running moments (Chan et al. parallel update)
 
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
+
     @property
     def std(self) -> float:
         return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0

@@ -5,6 +5,7 @@ Entry point: ``python train.py`` (see README). Tests call ``train(cfg)`` directl
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
+from rlhf.checkpoint import changed_keys, complete_checkpoints, load_checkpoint, save_checkpoint
 from rlhf.config import DataConfig, validate
 from rlhf.data import PromptSampler, fit_prompt_lengths, load_prompts
 from rlhf.health import HealthMonitor
@@ -153,29 +155,111 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     return trainer, train_prompts, eval_prompts
 
 
+def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from (``trainer.resume``), after checking the config has not changed."""
+    mode = str(cfg.trainer.resume).lower()
+    checkpoints = complete_checkpoints(run_dir / "checkpoints")
+    if mode == "false" or (mode == "auto" and not checkpoints):
+        return None
+    if not checkpoints:
+        raise ValueError(f"trainer.resume=true but there is no complete checkpoint in {run_dir / 'checkpoints'}")
+    latest = checkpoints[-1]
+    saved = OmegaConf.to_container(OmegaConf.load(latest / "config.yaml"), resolve=True)
+    changes = changed_keys(saved, OmegaConf.to_container(cfg, resolve=True), RESUMABLE_CHANGES)
+    if changes and not cfg.trainer.allow_config_change:
+        raise ValueError(
+            f"resuming from {latest} with a changed config: "
+            + "; ".join(changes)
+            + ". Set trainer.allow_config_change=true to resume anyway (raising trainer.steps is always allowed)"
+        )
+    return latest
+
+
+# Config keys that may differ between a checkpoint and the run resuming from it.
+RESUMABLE_CHANGES = (
+    "trainer.steps", "trainer.resume", "trainer.allow_config_change", "logging.progress_bar",
+    "optimizer.scheduler.total_iters",  # follows trainer.steps; the schedule itself resumes from its state
+)  # fmt: skip
+
+
+def capture_rng() -> dict:
+    """Global RNG states (Python, NumPy, torch CPU) as plain values for a weights-only checkpoint."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state()}  # fmt: skip
+
+
+def restore_rng(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Run PPO as configured; returns the run's final figures (also the W&B summary)."""
+    """Run PPO as configured, continuing from a checkpoint per ``trainer.resume``; returns the
+    run's final figures (also the W&B summary)."""
     started = time.perf_counter()
-    trainer, train_prompts, eval_prompts = build_trainer(cfg)
+    validate(cfg)
     run_dir = run_dir_of(cfg)
+    resume_from = find_resume_checkpoint(cfg, run_dir)
+    trainer, train_prompts, eval_prompts = build_trainer(cfg)
+    sampler = PromptSampler(train_prompts, cfg.rollout.batch_size, cfg.seed)
+    health = HealthMonitor()
+    models = {"actor": trainer.actor, "critic": trainer.critic}
+    metrics_file = run_dir / "metrics.jsonl"
+    run_id, first_step = None, 1
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, models)
+        trainer.load_state_dict(state["trainer"])
+        sampler.load_state_dict(state["sampler"])
+        health.load_state_dict(state["health"])
+        restore_rng(state["rng"])
+        run_id, first_step = state["wandb_run_id"], state["step"] + 1
+        log.info("resuming from %s at step %d", resume_from, first_step)
+    # metrics.jsonl holds exactly the steps before first_step: a resumed run drops what was logged
+    # after its checkpoint, a fresh run starts the file anew.
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+    rows = [row for row in rows if row["step"] < first_step]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
     wandb_cfg = cfg.logging.wandb
     tracker = Tracker(
         run_dir, OmegaConf.to_container(cfg, resolve=True), wandb_cfg.mode, wandb_cfg.project, wandb_cfg.entity,
-        group_of(cfg), run_name_of(cfg), list(wandb_cfg.tags),
+        group_of(cfg), run_name_of(cfg), list(wandb_cfg.tags), run_id,
     )  # fmt: skip
     exit_code = 1
     try:
-        # 4. the loop: evaluate the reference, then PPO iterations
-        sampler = PromptSampler(train_prompts, cfg.rollout.batch_size, cfg.seed)
-        initial = evaluate(trainer, eval_prompts)
-        tracker.log(initial, step=0)
-        history: list[dict[str, float]] = []
-        health = HealthMonitor()
-        bar = tqdm(range(1, cfg.trainer.steps + 1), desc="ppo", disable=not cfg.logging.progress_bar)
+        # 4. the loop: evaluate the reference (unless resuming), then PPO iterations
+        if resume_from is None:
+            initial = evaluate(trainer, eval_prompts)
+            tracker.log(initial, step=0)
+            history: list[dict[str, float]] = []
+        else:
+            initial, history = rows[0], rows[1:]
+        steps = cfg.trainer.steps
+        bar = tqdm(range(first_step, steps + 1), desc="ppo", disable=not cfg.logging.progress_bar)
         for step in bar:
             metrics = trainer.step(sampler.next_batch())
             metrics.update(health(metrics, step))
-            if step % cfg.trainer.eval_every == 0 or step == cfg.trainer.steps:
+            if step % cfg.trainer.eval_every == 0:
+                metrics.update(evaluate(trainer, eval_prompts))
+            if step == steps or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
+                state = {
+                    "step": step,
+                    "trainer": trainer.state_dict(),
+                    "sampler": sampler.state_dict(),
+                    "health": health.state_dict(),
+                    "rng": capture_rng(),
+                    "wandb_run_id": tracker.run.id,
+                }
+                config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+                save_checkpoint(run_dir / "checkpoints", step, models, state, config_yaml, cfg.trainer.keep_last)
+            if step == steps and "eval/score" not in metrics:
+                # The end-of-run evaluation comes after the checkpoint: a run resumed from it to train
+                # longer must not see randomness an uninterrupted run never drew.
                 metrics.update(evaluate(trainer, eval_prompts))
             tracker.log(metrics, step=step)
             if step % cfg.logging.samples_every == 0 or step == 1:

@@ -41,6 +41,7 @@ class Tracker:
         group: str | None,
         name: str,
         tags: list[str],
+        run_id: str | None = None,
     ):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
@@ -55,6 +56,8 @@ class Tracker:
             config=config,
             dir=str(run_dir),
             mode=self.mode,
+            id=run_id,
+            resume="allow" if run_id else None,
             settings=wandb.Settings(console="off", silent=True),
         )
 

@@ -204,6 +204,31 @@ class PPOTrainer:
             optimizer.step()
         return actor_norm, critic_norm, False
 
+    def state_dict(self) -> dict:
+        """What the trainer needs to continue exactly: optimizers, schedulers, KL coefficient,
+        reward statistics, the shuffling generator and its counters."""
+        return {
+            "steps_done": self.steps_done,
+            "consecutive_skips": self.consecutive_skips,
+            "actor_optimizer": self.actor_optimizer.state_dict(),
+            "critic_optimizer": self.critic_optimizer.state_dict() if self.critic_optimizer else None,
+            "schedulers": [scheduler.state_dict() for scheduler in self.schedulers],
+            "kl_coef": self.kl_controller.value,
+            "reward_normalizer": self.reward_normalizer.state_dict(),
+            "shuffle_generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_done, self.consecutive_skips = state["steps_done"], state["consecutive_skips"]
+        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+        if self.critic_optimizer is not None:
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        for scheduler, scheduler_state in zip(self.schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(scheduler_state)
+        self.kl_controller.value = state["kl_coef"]
+        self.reward_normalizer.load_state_dict(state["reward_normalizer"])
+        self.generator.set_state(state["shuffle_generator"])
+
     def optimizer_metrics(self) -> dict[str, float]:
         """Current learning rates."""
         metrics = {"optim/actor_lr": self.actor_optimizer.param_groups[0]["lr"]}
