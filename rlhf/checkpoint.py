@@ -5,7 +5,8 @@ A checkpoint is a folder ``<run dir>/checkpoints/step-<N>/`` with the models' we
 with ``torch.load(weights_only=True)``), ``config.yaml`` (the resolved config) and ``manifest.json``,
 written last. It is assembled in a staging folder next to it and renamed into place in one step, so
 a crash or kill during a save never leaves a half checkpoint where a complete one is expected; old
-checkpoints are deleted only after the new one is complete.
+checkpoints are deleted only after the new one is complete, each first renamed out of the
+``step-*`` namespace so that a kill during the deletion never leaves a checkpoint with missing files.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import shutil
 import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -51,12 +55,26 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / MANIFEST).exists()) if root.exists() else []
 
 
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder: renamed out of ``step-*`` first (one atomic step), then removed."""
+    trash = path.with_name(f".trash-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    path.rename(trash)
+    shutil.rmtree(trash)
+
+
 def save_checkpoint(
     root: Path, step: int, models: dict[str, nn.Module], state: dict[str, Any], config_yaml: str, keep_last: int
 ) -> Path:
-    """Write checkpoint ``step`` atomically, then delete all but the ``keep_last`` newest."""
+    """Write checkpoint ``step`` atomically, then delete all but the ``keep_last`` newest.
+
+    A step that has a complete checkpoint already (a stop signal right after a scheduled save) is
+    not written again: the state is the same.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
+    if (final / MANIFEST).exists():
+        return final
     staging = root / f".staging-step-{step:08d}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -73,11 +91,11 @@ def save_checkpoint(
     for path in staging.iterdir():
         with path.open("rb") as f:
             os.fsync(f.fileno())
-    if final.exists():  # the same step saved again (e.g. the end of a run that saved it already)
-        shutil.rmtree(final)
+    if final.exists():  # an incomplete leftover of a save that died after its rename began
+        _remove(final)
     staging.rename(final)
     for old in complete_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old)
+        _remove(old)
     return final
 
 
@@ -99,3 +117,62 @@ def changed_keys(saved: dict, current: dict, allowed: tuple[str, ...], prefix: s
         elif a != b and full not in allowed:
             changes.append(f"{full}: {a!r} -> {b!r}")
     return changes
+
+
+def capture_rng() -> dict[str, Any]:
+    """Global RNG states (Python, NumPy, torch CPU and CUDA) as plain values for a weights-only checkpoint."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Set the global RNG states captured by ``capture_rng``."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from (``trainer.resume``), after checking that the config has not
+    changed but for ``RESUMABLE_CHANGES``. Raises ``ValueError`` naming the directory or the keys."""
+    mode = str(cfg.trainer.resume).lower()
+    root = run_dir / "checkpoints"
+    checkpoints = complete_checkpoints(root)
+    if mode == "false" and checkpoints:
+        # A fresh run would mix its checkpoints with the old run's, and a later resume would pick the wrong one.
+        raise ValueError(
+            f"trainer.resume=false but {root} holds checkpoints of an earlier run (latest {checkpoints[-1].name}): "
+            "set hydra.run.dir (or trainer.output_dir) to a new folder, or delete that one"
+        )
+    if mode == "false" or (mode == "auto" and not checkpoints):
+        return None
+    if not checkpoints:
+        raise ValueError(f"trainer.resume=true but there is no complete checkpoint in {root}")
+    latest = checkpoints[-1]
+    saved = OmegaConf.to_container(OmegaConf.load(latest / "config.yaml"), resolve=True)
+    changes = changed_keys(saved, OmegaConf.to_container(cfg, resolve=True), RESUMABLE_CHANGES)
+    if changes and not cfg.trainer.allow_config_change:
+        raise ValueError(
+            f"resuming from {latest} with a changed config: "
+            + "; ".join(changes)
+            + ". Set trainer.allow_config_change=true to resume anyway (raising trainer.steps is always allowed)"
+        )
+    step = json.loads((latest / MANIFEST).read_text())["step"]
+    if cfg.trainer.steps < step:
+        raise ValueError(f"trainer.steps={cfg.trainer.steps} is below step {step} of the checkpoint {latest}")
+    return latest
+
+
+# Config keys that may differ between a checkpoint and the run resuming from it.
+RESUMABLE_CHANGES = (
+    "trainer.steps", "trainer.resume", "trainer.allow_config_change", "logging.progress_bar",
+    "optimizer.scheduler.total_iters",  # follows trainer.steps: the schedule is re-planned over the new total
+)  # fmt: skip

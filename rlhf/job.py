@@ -2,7 +2,8 @@
 
 ``run_job`` is what ``train.py`` runs. In a multirun sweep a job that fails writes its traceback and
 a ``status.json`` marked failed, and returns NaN, so the other jobs of the sweep still run (Hydra
-would otherwise stop the sweep at the first exception). A single run re-raises.
+would otherwise stop the sweep at the first exception). A single run re-raises. A run stopped by
+SIGTERM/SIGINT exits with 128 + the signal's number, ending a sweep too.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+
+from rlhf.signals import RunInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,10 @@ def run_job(cfg: DictConfig) -> float:
 
     try:
         return train(cfg)["objective"]
+    except RunInterrupted as stopped:
+        # A stop signal ends the process (and a sweep) with 128 + its number, as the shell expects.
+        log.error("%s", stopped)
+        raise SystemExit(stopped.exit_code) from stopped
     except Exception as error:
         if not is_multirun():
             raise

@@ -5,11 +5,11 @@ Entry point: ``python train.py`` (see README). Tests call ``train(cfg)`` directl
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -19,7 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from rlhf.checkpoint import changed_keys, complete_checkpoints, load_checkpoint, save_checkpoint
+from rlhf.checkpoint import (
+    capture_rng,
+    complete_checkpoints,
+    find_resume_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from rlhf.config import DataConfig, validate
 from rlhf.data import PromptSampler, fit_prompt_lengths, load_prompts
 from rlhf.health import HealthMonitor
@@ -36,6 +43,7 @@ from rlhf.models import (
     trunk_of,
 )
 from rlhf.reward import RewardNormalizer, build_reward
+from rlhf.signals import RunInterrupted, StopSignals
 from rlhf.tasks.arithmetic import exact_match_reward, solve, split_prompts
 from rlhf.tiny import ensure_tiny_actor
 from rlhf.tracking import Tracker
@@ -133,9 +141,7 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     else:
         actor_optimizer = hydra.utils.instantiate(cfg.optimizer.actor)(trainable(actor))
         critic_optimizer = hydra.utils.instantiate(cfg.optimizer.critic)(trainable(critic))
-    schedulers = [
-        hydra.utils.instantiate(cfg.optimizer.scheduler)(opt) for opt in (actor_optimizer, critic_optimizer) if opt
-    ]
+    schedulers = make_schedulers(cfg, [opt for opt in (actor_optimizer, critic_optimizer) if opt])
     kl_controller = make_kl_controller(cfg.kl.controller, cfg.kl.beta, cfg.kl.target, cfg.kl.horizon)
     normalizer = RewardNormalizer(cfg.reward.normalize, cfg.reward.gain, cfg.reward.bias, cfg.reward.clip)
     trainer = PPOTrainer(
@@ -155,51 +161,9 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     return trainer, train_prompts, eval_prompts
 
 
-def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from (``trainer.resume``), after checking the config has not changed."""
-    mode = str(cfg.trainer.resume).lower()
-    checkpoints = complete_checkpoints(run_dir / "checkpoints")
-    if mode == "false" or (mode == "auto" and not checkpoints):
-        return None
-    if not checkpoints:
-        raise ValueError(f"trainer.resume=true but there is no complete checkpoint in {run_dir / 'checkpoints'}")
-    latest = checkpoints[-1]
-    saved = OmegaConf.to_container(OmegaConf.load(latest / "config.yaml"), resolve=True)
-    changes = changed_keys(saved, OmegaConf.to_container(cfg, resolve=True), RESUMABLE_CHANGES)
-    if changes and not cfg.trainer.allow_config_change:
-        raise ValueError(
-            f"resuming from {latest} with a changed config: "
-            + "; ".join(changes)
-            + ". Set trainer.allow_config_change=true to resume anyway (raising trainer.steps is always allowed)"
-        )
-    return latest
-
-
-# Config keys that may differ between a checkpoint and the run resuming from it.
-RESUMABLE_CHANGES = (
-    "trainer.steps", "trainer.resume", "trainer.allow_config_change", "logging.progress_bar",
-    "optimizer.scheduler.total_iters",  # follows trainer.steps; the schedule itself resumes from its state
-)  # fmt: skip
-
-
-def capture_rng() -> dict:
-    """Global RNG states (Python, NumPy, torch CPU) as plain values for a weights-only checkpoint."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state()}  # fmt: skip
-
-
-def restore_rng(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run PPO as configured, continuing from a checkpoint per ``trainer.resume``; returns the
-    run's final figures (also the W&B summary)."""
+    run's final figures (also the W&B summary). Raises ``RunInterrupted`` after a stop signal."""
     started = time.perf_counter()
     validate(cfg)
     run_dir = run_dir_of(cfg)
@@ -207,69 +171,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer, train_prompts, eval_prompts = build_trainer(cfg)
     sampler = PromptSampler(train_prompts, cfg.rollout.batch_size, cfg.seed)
     health = HealthMonitor()
-    models = {"actor": trainer.actor, "critic": trainer.critic}
-    metrics_file = run_dir / "metrics.jsonl"
-    run_id, first_step = None, 1
+    run_id, last_step = None, None
     if resume_from is not None:
-        state = load_checkpoint(resume_from, models)
-        trainer.load_state_dict(state["trainer"])
-        sampler.load_state_dict(state["sampler"])
-        health.load_state_dict(state["health"])
-        restore_rng(state["rng"])
-        run_id, first_step = state["wandb_run_id"], state["step"] + 1
-        log.info("resuming from %s at step %d", resume_from, first_step)
-    # metrics.jsonl holds exactly the steps before first_step: a resumed run drops what was logged
-    # after its checkpoint, a fresh run starts the file anew.
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
-    rows = [row for row in rows if row["step"] < first_step]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
+        run_id, last_step = restore_run(resume_from, cfg, trainer, sampler, health)
     wandb_cfg = cfg.logging.wandb
     tracker = Tracker(
         run_dir, OmegaConf.to_container(cfg, resolve=True), wandb_cfg.mode, wandb_cfg.project, wandb_cfg.entity,
-        group_of(cfg), run_name_of(cfg), list(wandb_cfg.tags), run_id,
+        group_of(cfg), run_name_of(cfg), list(wandb_cfg.tags), run_id, last_step,
     )  # fmt: skip
-    exit_code = 1
+    exit_code, preempted = 1, False
     try:
-        # 4. the loop: evaluate the reference (unless resuming), then PPO iterations
-        if resume_from is None:
-            initial = evaluate(trainer, eval_prompts)
-            tracker.log(initial, step=0)
-            history: list[dict[str, float]] = []
-        else:
-            initial, history = rows[0], rows[1:]
-        steps = cfg.trainer.steps
-        bar = tqdm(range(first_step, steps + 1), desc="ppo", disable=not cfg.logging.progress_bar)
-        for step in bar:
-            metrics = trainer.step(sampler.next_batch())
-            metrics.update(health(metrics, step))
-            if step % cfg.trainer.eval_every == 0:
-                metrics.update(evaluate(trainer, eval_prompts))
-            if step == steps or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
-                state = {
-                    "step": step,
-                    "trainer": trainer.state_dict(),
-                    "sampler": sampler.state_dict(),
-                    "health": health.state_dict(),
-                    "rng": capture_rng(),
-                    "wandb_run_id": tracker.run.id,
-                }
-                config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-                save_checkpoint(run_dir / "checkpoints", step, models, state, config_yaml, cfg.trainer.keep_last)
-            if step == steps and "eval/score" not in metrics:
-                # The end-of-run evaluation comes after the checkpoint: a run resumed from it to train
-                # longer must not see randomness an uninterrupted run never drew.
-                metrics.update(evaluate(trainer, eval_prompts))
-            tracker.log(metrics, step=step)
-            if step % cfg.logging.samples_every == 0 or step == 1:
-                tracker.log_table("samples", step, sample_rows(trainer, cfg.logging.num_samples))
-                rows = token_debug_rows(trainer.last_samples, trainer.last_experience, trainer.tokenizer,
-                                        cfg.logging.debug_samples)  # fmt: skip
-                tracker.log_table("token_debug", step, rows)
-            bar.set_postfix(reward=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
-            history.append(metrics)
-        summary = summarize(initial, history, time.perf_counter() - started, cfg.trainer.objective_kl_weight)
+        with StopSignals() as stop:
+            history = ppo_loop(cfg, trainer, sampler, health, tracker, eval_prompts, stop, run_dir)
+        summary = summarize(history[0], history[1:], time.perf_counter() - started, cfg.trainer.objective_kl_weight)
         if cfg.trainer.save_model:
             # save_pretrained of a peft model writes the adapters only.
             trainer.actor.save_pretrained(run_dir / "model")
@@ -279,8 +193,126 @@ def train(cfg: DictConfig) -> dict[str, float]:
         print_summary(summary, run_dir)
         exit_code = 0
         return summary
+    except RunInterrupted as stopped:
+        exit_code, preempted = stopped.exit_code, True
+        write_status(run_dir, "interrupted", step=stopped.step, checkpoint=str(stopped.checkpoint))
+        raise
+    except BaseException:
+        checkpoints = complete_checkpoints(run_dir / "checkpoints")
+        log.error("the run failed; last complete checkpoint: %s", checkpoints[-1] if checkpoints else "none")
+        raise
     finally:
-        tracker.finish(exit_code)
+        tracker.finish(exit_code, preempted)
+
+
+def ppo_loop(
+    cfg: DictConfig,
+    trainer: PPOTrainer,
+    sampler: PromptSampler,
+    health: HealthMonitor,
+    tracker: Tracker,
+    eval_prompts: list[str],
+    stop: StopSignals,
+    run_dir: Path,
+) -> list[dict[str, float]]:
+    """Evaluate the reference (fresh runs only), then PPO iterations up to ``trainer.steps``; returns
+    every step's metrics from step 0. Each step is logged before its checkpoint is written, so that
+    a run resumed from a checkpoint never misses a logged step."""
+    history = tracker.history()  # steps 0..checkpoint of a resumed run; none of a fresh one
+    if not history:
+        history.append(evaluate(trainer, eval_prompts))
+        tracker.log(history[0], step=0)
+    steps = cfg.trainer.steps
+    models = {"actor": trainer.actor, "critic": trainer.critic}
+    bar = tqdm(range(len(history), steps + 1), desc="ppo", disable=not cfg.logging.progress_bar)
+    for step in bar:
+        # 1-5. rollout, score, experience, PPO epochs, KL controller (PPOTrainer.step)
+        metrics = trainer.step(sampler.next_batch())
+        metrics.update(health(metrics, step))
+        if step % cfg.trainer.eval_every == 0:
+            metrics.update(evaluate(trainer, eval_prompts))
+        # 6. the end-of-run evaluation comes after the run's state is taken: a run resumed from this
+        # checkpoint to train longer must not see randomness that an uninterrupted run never drew
+        final_state = run_state(step, trainer, sampler, health, tracker.run.id, steps) if step == steps else None
+        if step == steps and "eval/score" not in metrics:
+            metrics.update(evaluate(trainer, eval_prompts))
+        # 7. log, then checkpoint; a second stop signal waits for both. One reading of the stop flag
+        # decides both the save and the stop: a signal after it stops the run after the next step.
+        stopping = stop.requested
+        with stop.protected():
+            log_step(tracker, trainer, metrics, step, cfg.logging)
+            history.append(metrics)
+            if final_state or stopping or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
+                state = final_state or run_state(step, trainer, sampler, health, tracker.run.id, steps)
+                config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+                checkpoint = save_checkpoint(
+                    run_dir / "checkpoints", step, models, state, config_yaml, cfg.trainer.keep_last
+                )
+        bar.set_postfix(reward=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+        if stopping and step < steps:
+            raise RunInterrupted(stop.signum, step, checkpoint)
+    return history
+
+
+def log_step(tracker: Tracker, trainer: PPOTrainer, metrics: dict[str, float], step: int, logging_cfg) -> None:
+    """The step's metrics; every ``logging.samples_every`` steps (and at step 1) the samples and
+    token-debug tables of its rollout."""
+    tracker.log(metrics, step=step)
+    if step % logging_cfg.samples_every == 0 or step == 1:
+        tracker.log_table("samples", step, sample_rows(trainer, logging_cfg.num_samples))
+        rows = token_debug_rows(trainer.last_samples, trainer.last_experience, trainer.tokenizer,
+                                logging_cfg.debug_samples)  # fmt: skip
+        tracker.log_table("token_debug", step, rows)
+
+
+def run_state(
+    step: int, trainer: PPOTrainer, sampler: PromptSampler, health: HealthMonitor, wandb_run_id: str, planned: int
+) -> dict:
+    """Everything besides the weights that the run after ``step`` depends on (a checkpoint's state.pt)."""
+    return {
+        "step": step,
+        "planned_steps": planned,  # trainer.steps the LR schedule was planned for
+        "trainer": trainer.state_dict(),
+        "sampler": sampler.state_dict(),
+        "health": health.state_dict(),
+        "rng": capture_rng(),
+        "wandb_run_id": wandb_run_id,
+    }
+
+
+def restore_run(
+    path: Path, cfg: DictConfig, trainer: PPOTrainer, sampler: PromptSampler, health: HealthMonitor
+) -> tuple[str, int]:
+    """Load checkpoint ``path`` into the run's objects; returns (W&B run id, step of the checkpoint)."""
+    state = load_checkpoint(path, {"actor": trainer.actor, "critic": trainer.critic})
+    trainer.load_state_dict(state["trainer"])
+    if state["planned_steps"] != cfg.trainer.steps:
+        # trainer.steps was raised: the LR schedule continues as if the run had been planned this long.
+        trainer.schedulers = make_schedulers(cfg, trainer.optimizers(), trainer.steps_done)
+        log.info("LR schedule re-planned over trainer.steps=%d (was %d)", cfg.trainer.steps, state["planned_steps"])
+    sampler.load_state_dict(state["sampler"])
+    health.load_state_dict(state["health"])
+    restore_rng(state["rng"])
+    log.info("resuming from %s after step %d", path, state["step"])
+    return state["wandb_run_id"], state["step"]
+
+
+def make_schedulers(
+    cfg: DictConfig, optimizers: list[torch.optim.Optimizer], steps_done: int = 0
+) -> list[torch.optim.lr_scheduler.LRScheduler]:
+    """One ``optimizer.scheduler`` per optimizer, stepped ``steps_done`` times from the start of its
+    schedule: the same float operations as an uninterrupted run, so the learning rates match it."""
+    schedulers = []
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:  # a resumed optimizer's rate has decayed: start over
+            group["lr"] = group.get("initial_lr", group["lr"])
+        scheduler = hydra.utils.instantiate(cfg.optimizer.scheduler)(optimizer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch warns of scheduler steps without optimizer steps
+            for _ in range(steps_done):
+                scheduler.step()
+        schedulers.append(scheduler)
+    return schedulers
 
 
 def summarize(

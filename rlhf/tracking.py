@@ -29,7 +29,13 @@ def _read(path: Path) -> str:
 
 
 class Tracker:
-    """Appends one JSON object per step to ``metrics.jsonl`` and logs the same keys to W&B."""
+    """Appends one JSON object per step to ``metrics.jsonl`` and logs the same keys to W&B.
+
+    A run resuming from the checkpoint of step ``resume_step`` continues W&B run ``run_id`` and its
+    own files: rows of later steps (logged before the run stopped, and about to be logged again)
+    are dropped from every ``*.jsonl`` of the run dir. A fresh run (``resume_step=None``) starts
+    them anew.
+    """
 
     def __init__(
         self,
@@ -42,10 +48,22 @@ class Tracker:
         name: str,
         tags: list[str],
         run_id: str | None = None,
+        resume_step: int | None = None,
     ):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
+        for path in run_dir.glob("*.jsonl"):
+            kept = [] if resume_step is None else [row for row in _read_rows(path) if row["step"] <= resume_step]
+            staged = path.with_suffix(".jsonl.tmp")  # replaced in one step: a kill here loses no row
+            staged.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            staged.replace(path)
+        logged = [row["step"] for row in self.history()]
+        if resume_step is not None and logged != list(range(resume_step + 1)):
+            raise ValueError(
+                f"{self.metrics_path} should hold steps 0..{resume_step} to resume from the checkpoint of step "
+                f"{resume_step}, but holds {len(logged)} rows: restore it, or start a new run dir"
+            )
         self.mode = resolve_wandb_mode(mode)
         self.run = wandb.init(
             project=project,
@@ -60,6 +78,10 @@ class Tracker:
             resume="allow" if run_id else None,
             settings=wandb.Settings(console="off", silent=True),
         )
+
+    def history(self) -> list[dict[str, Any]]:
+        """The rows of ``metrics.jsonl``, one per logged step, in order."""
+        return _read_rows(self.metrics_path) if self.metrics_path.exists() else []
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """One step's metrics, to the file and to W&B."""
@@ -83,6 +105,20 @@ class Tracker:
         for key, value in values.items():
             self.run.summary[key] = value
 
-    def finish(self, exit_code: int = 0) -> None:
-        """Close the W&B run (marking it failed on a non-zero exit code)."""
+    def finish(self, exit_code: int = 0, preempted: bool = False) -> None:
+        """Close the W&B run, marked failed on a non-zero exit code, and preempted (to be resumed) when
+        it stopped on a signal."""
+        if preempted:
+            self.run.mark_preempting()
         self.run.finish(exit_code=exit_code)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """JSON rows of a ``.jsonl`` file; a last line cut short by a kill is left out."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows

@@ -188,7 +188,7 @@ class PPOTrainer:
         actor's and is clipped with it).
         """
         max_norm = self.cfg.ppo.max_grad_norm
-        optimizers = [opt for opt in (self.actor_optimizer, self.critic_optimizer) if opt is not None]
+        optimizers = self.optimizers()
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -203,6 +203,10 @@ class PPOTrainer:
         for optimizer in optimizers:
             optimizer.step()
         return actor_norm, critic_norm, False
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The actor's optimizer, and the critic's unless the critic shares the actor's trunk."""
+        return [opt for opt in (self.actor_optimizer, self.critic_optimizer) if opt is not None]
 
     def state_dict(self) -> dict:
         """What the trainer needs to continue exactly: optimizers, schedulers, KL coefficient,

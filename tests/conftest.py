@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +60,16 @@ def make_cfg(tmp_path, tiny_cache):
         return compose([*FAST, f"trainer.output_dir={tmp_path / 'run'}", f"model.cache_dir={tiny_cache}", *overrides])
 
     return _make
+
+
+def wandb_inspect(run_dir: Path, *flags: str) -> list[dict]:
+    """The records of the run dir's one offline W&B run (``--summary``: its state), read by ``wandb leet inspect``."""
+    (offline_run,) = (run_dir / "wandb").glob("offline-run-*")
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    out = subprocess.run(
+        [str(wandb_cli), "leet", "inspect", "--json", *flags, str(offline_run)],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    if "--summary" in flags:
+        return [json.loads(out)]
+    return [json.loads(line) for line in out.splitlines() if line.strip()]

@@ -16,6 +16,7 @@ from rlhf.losses import logprobs_from_logits, policy_loss
 from rlhf.models import action_logits
 from rlhf.run import build_trainer, train
 from rlhf.tiny import build_tokenizer
+from tests.conftest import wandb_inspect
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -93,18 +94,6 @@ def test_first_minibatch_ratio_is_one_and_nothing_clips(make_cfg):
     _, stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, clip_eps=0.2)
     assert stats["ratio_max_dev"] < 1e-5
     assert stats["clipfrac"] == 0
-
-
-def wandb_inspect(run_dir: Path, *flags: str) -> list[dict]:
-    (offline_run,) = (run_dir / "wandb").glob("offline-run-*")
-    wandb_cli = Path(sys.executable).with_name("wandb")
-    out = subprocess.run(
-        [str(wandb_cli), "leet", "inspect", "--json", *flags, str(offline_run)],
-        capture_output=True, text=True, timeout=120, check=True,
-    ).stdout  # fmt: skip
-    if "--summary" in flags:
-        return [json.loads(out)]
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 def test_train_logs_metrics_file_and_offline_wandb_run(make_cfg, tmp_path):
