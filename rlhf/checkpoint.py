@@ -2,9 +2,10 @@
 
 A checkpoint is a folder ``<run dir>/checkpoints/step-<N>/`` with the models' weights (safetensors),
 ``state.pt`` (optimizers, schedulers, counters, RNG states: plain tensors and Python values, read
-with ``torch.load(weights_only=True)``), ``config.yaml`` (the resolved config) and ``manifest.json``,
-written last. It is assembled in a staging folder next to it and renamed into place in one step, so
-a crash or kill during a save never leaves a half checkpoint where a complete one is expected; old
+with ``torch.load(weights_only=True)``), ``config.yaml`` (the resolved config, values from the
+environment redacted) and ``manifest.json``, written last. It is assembled in a staging folder next
+to it and renamed into place in one step, so a crash or kill during a save never leaves a half
+checkpoint where a complete one is expected; old
 checkpoints are deleted only after the new one is complete, each first renamed out of the
 ``step-*`` namespace so that a kill during the deletion never leaves a checkpoint with missing files.
 """
@@ -23,9 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig
 from safetensors.torch import load_model, save_model
 from torch import nn
+
+from rlhf.config import loggable_config
 
 MANIFEST = "manifest.json"
 PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "wandb", "accelerate", "peft", "rlhf")
@@ -157,8 +161,8 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
     if not checkpoints:
         raise ValueError(f"trainer.resume=true but there is no complete checkpoint in {root}")
     latest = checkpoints[-1]
-    saved = OmegaConf.to_container(OmegaConf.load(latest / "config.yaml"), resolve=True)
-    changes = changed_keys(saved, OmegaConf.to_container(cfg, resolve=True), RESUMABLE_CHANGES)
+    saved = yaml.safe_load((latest / "config.yaml").read_text())
+    changes = changed_keys(saved, loggable_config(cfg), RESUMABLE_CHANGES)
     if changes and not cfg.trainer.allow_config_change:
         raise ValueError(
             f"resuming from {latest} with a changed config: "

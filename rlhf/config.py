@@ -7,12 +7,13 @@ relations before any model is built; each error names the full key, the value an
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -111,6 +112,9 @@ class RewardConfig:
     timeout: float = 30.0
     # Extra attempts after a failed HTTP request (kind=http).
     retries: int = 2
+    # Extra HTTP headers (kind=http), e.g. +reward.headers.Authorization='Bearer ${oc.env:REWARD_API_TOKEN}';
+    # a value read from the environment with ${oc.env:...} is never written to W&B, checkpoints or the run dir.
+    headers: dict[str, str] = field(default_factory=dict)
     # Training-reward scaling: "none", "running" (running mean/std) or "fixed" (gain * score + bias).
     normalize: str = "none"
     # normalize=fixed: multiplier.
@@ -328,6 +332,26 @@ class TrainConfig:
 def register_configs() -> None:
     """Register the schema so ``conf/train.yaml`` can list ``train_schema`` first in its defaults."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+# ${oc.env:NAME} or ${oc.env:NAME,default}: a value read from the environment.
+_ENV_INTERPOLATION = re.compile(r"\$\{oc\.env:([^,}]+)[^}]*\}")
+
+
+def loggable_config(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain values, for W&B and checkpoints, with each value read from the
+    environment (``${oc.env:NAME}``) replaced by ``<env NAME>``: a secret passed that way (an API
+    token) is used by the run but never logged or saved."""
+
+    def redact(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {key: redact(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [redact(value) for value in node]
+        return _ENV_INTERPOLATION.sub(r"<env \1>", node) if isinstance(node, str) else node
+
+    raw = OmegaConf.to_container(cfg, resolve=False)  # interpolations still as text
+    return OmegaConf.to_container(OmegaConf.create(redact(raw)), resolve=True)
 
 
 class ConfigError(ValueError):

@@ -65,10 +65,12 @@ class ClassifierReward:
 
 class HTTPReward:
     """POST ``{"prompts": [...], "responses": [...]}`` as JSON to ``url``; the answer must be
-    ``{"scores": [...]}`` with one number per response. Failed requests are retried."""
+    ``{"scores": [...]}`` with one number per response, and ``headers`` go with every request (an
+    ``Authorization`` token). Failed requests are retried."""
 
-    def __init__(self, url: str, timeout: float, retries: int, batch_size: int):
+    def __init__(self, url: str, timeout: float, retries: int, batch_size: int, headers: dict[str, str] | None = None):
         self.url, self.timeout, self.retries, self.batch_size = url, timeout, retries, batch_size
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
 
     def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         scores: list[float] = []
@@ -80,7 +82,7 @@ class HTTPReward:
 
     def post(self, batch: dict[str, list[str]]) -> list[float]:
         request = urllib.request.Request(
-            self.url, data=json.dumps(batch).encode(), headers={"Content-Type": "application/json"}, method="POST"
+            self.url, data=json.dumps(batch).encode(), headers=self.headers, method="POST"
         )
         for attempt in range(self.retries + 1):
             try:
@@ -147,7 +149,7 @@ def build_reward(reward, device: torch.device) -> FunctionReward | ClassifierRew
     if reward.kind == "model":
         return ClassifierReward(reward.path, reward.max_length, reward.batch_size, device, reward.dtype)
     if reward.kind == "http":
-        return HTTPReward(reward.url, reward.timeout, reward.retries, reward.batch_size)
+        return HTTPReward(reward.url, reward.timeout, reward.retries, reward.batch_size, dict(reward.headers))
     raise ValueError(f"reward.kind={reward.kind!r}: expected 'function', 'model' or 'http'")
 
 

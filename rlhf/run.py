@@ -15,6 +15,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
@@ -27,7 +28,7 @@ from rlhf.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from rlhf.config import DataConfig, validate
+from rlhf.config import DataConfig, loggable_config, validate
 from rlhf.data import PromptSampler, fit_prompt_lengths, load_prompts
 from rlhf.health import HealthMonitor
 from rlhf.job import check_command_line_targets, group_of, run_dir_of, run_name_of, write_status
@@ -176,7 +177,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         run_id, last_step = restore_run(resume_from, cfg, trainer, sampler, health)
     wandb_cfg = cfg.logging.wandb
     tracker = Tracker(
-        run_dir, OmegaConf.to_container(cfg, resolve=True), wandb_cfg.mode, wandb_cfg.project, wandb_cfg.entity,
+        run_dir, loggable_config(cfg), wandb_cfg.mode, wandb_cfg.project, wandb_cfg.entity,
         group_of(cfg), run_name_of(cfg), list(wandb_cfg.tags), run_id, last_step,
     )  # fmt: skip
     exit_code, preempted = 1, False
@@ -244,7 +245,7 @@ def ppo_loop(
             history.append(metrics)
             if final_state or stopping or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
                 state = final_state or run_state(step, trainer, sampler, health, tracker.run.id, steps)
-                config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+                config_yaml = yaml.safe_dump(loggable_config(cfg), sort_keys=False)
                 checkpoint = save_checkpoint(
                     run_dir / "checkpoints", step, models, state, config_yaml, cfg.trainer.keep_last
                 )

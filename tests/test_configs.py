@@ -12,7 +12,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
-from rlhf.config import ConfigError, validate
+from rlhf.config import ConfigError, loggable_config, validate
 from tests.conftest import CONF_DIR, REPO, compose
 
 GROUPS = ["model", "reward", "kl", "gae", "optimizer", "hardware", "data", "experiment", "sweep"]
@@ -108,3 +108,18 @@ def test_command_line_fails_fast_naming_the_key(override, key, tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
     assert not (tmp_path / "wandb").exists()
     assert elapsed < 60, elapsed
+
+
+def test_loggable_config_redacts_values_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("REWARD_API_TOKEN", "s3cret")
+    cfg = compose([
+        "reward=http", "reward.url=http://127.0.0.1:1/score", "trainer.steps=7",
+        "+reward.headers.Authorization='Bearer ${oc.env:REWARD_API_TOKEN}'",
+        "logging.wandb.entity=${oc.env:REWARD_API_TOKEN,fallback}",
+    ])  # fmt: skip
+    assert cfg.reward.headers.Authorization == "Bearer s3cret"  # the run itself sees the value
+    logged = loggable_config(cfg)
+    assert logged["reward"]["headers"] == {"Authorization": "Bearer <env REWARD_API_TOKEN>"}
+    assert logged["logging"]["wandb"]["entity"] == "<env REWARD_API_TOKEN>"
+    assert logged["optimizer"]["scheduler"]["total_iters"] == 7  # other interpolations are resolved
+    assert "s3cret" not in str(logged)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -53,58 +52,6 @@ def test_missing_eos_penalty_replaces_truncated_scores(make_cfg):
     assert samples.truncated.any()
     assert (scores[samples.truncated] == -1).all()
     assert (scores[~samples.truncated] != -1).all()
-
-
-class ScoreServer:
-    """A reward endpoint on 127.0.0.1: score = len(response); the first ``failures`` requests get a 500."""
-
-    def __init__(self, failures: int = 0, wrong_count: bool = False):
-        import http.server
-        import threading
-
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (the stdlib's name)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append(body)
-                if len(server.requests) <= server.failures:
-                    self.send_response(500)
-                    self.end_headers()
-                    return
-                scores = [float(len(r)) for r in body["responses"]] + ([1.0] if server.wrong_count else [])
-                payload = json.dumps({"scores": scores}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        self.failures, self.wrong_count, self.requests = failures, wrong_count, []
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/score"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def server_factory():
-    servers = []
-
-    def make(**kwargs):
-        servers.append(ScoreServer(**kwargs))
-        return servers[-1]
-
-    yield make
-    for server in servers:
-        server.close()
 
 
 def test_http_reward_batches_and_retries(server_factory):
