@@ -153,8 +153,11 @@ def build_reward(reward, device: torch.device) -> FunctionReward | ClassifierRew
     raise ValueError(f"reward.kind={reward.kind!r}: expected 'function', 'model' or 'http'")
 
 
-def check_finite(scores: torch.Tensor, step: int) -> None:
-    """Stop before any update when a score is NaN or infinite, naming the samples."""
+def check_finite(scores: torch.Tensor, where: str) -> None:
+    """Stop before any update when a score is NaN or infinite, naming where (``"step 3"``) and the samples."""
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
     if bad:
-        raise ValueError(f"step {step}: the reward is not finite for sample(s) {bad} (scores {scores[bad].tolist()})")
+        raise ValueError(
+            f"{where}: the reward is not finite for sample(s) {bad} (scores {scores[bad].tolist()}); "
+            "reward.on_nonfinite=mask drops such samples instead"
+        )

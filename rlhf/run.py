@@ -79,8 +79,8 @@ def resolve_actor_paths(cfg: DictConfig) -> tuple[str, str]:
 
 def evaluate(trainer: PPOTrainer, prompts: list[str]) -> dict[str, float]:
     """Mean reward on held-out prompts, sampled (as trained) and greedy."""
-    sampled = trainer.score(trainer.generate(prompts, do_sample=True))
-    greedy = trainer.score(trainer.generate(prompts, do_sample=False))
+    sampled = trainer.score(trainer.generate(prompts, do_sample=True), evaluation=True)
+    greedy = trainer.score(trainer.generate(prompts, do_sample=False), evaluation=True)
     # Non-finite scores (kept only with reward.on_nonfinite=mask) stay out of the means.
     return {"eval/score": sampled[sampled.isfinite()].mean().item(),
             "eval/score_greedy": greedy[greedy.isfinite()].mean().item()}  # fmt: skip

@@ -66,7 +66,7 @@ class PPOTrainer:
             self.cfg.data.max_prompt_length, do_sample=do_sample,
         )  # fmt: skip
 
-    def score(self, samples: Samples) -> torch.Tensor:
+    def score(self, samples: Samples, evaluation: bool = False) -> torch.Tensor:
         """(B,) scores, with the missing-EOS penalty replacing the score of truncated responses.
 
         A NaN/inf score stops the run naming the samples (``reward.on_nonfinite=error``) or is kept as
@@ -74,7 +74,10 @@ class PPOTrainer:
         """
         scores = self.reward(samples.prompts, samples.responses).float()
         if self.cfg.reward.on_nonfinite == "error":
-            check_finite(scores, self.steps_done + 1)
+            where = (
+                f"held-out evaluation after step {self.steps_done}" if evaluation else f"step {self.steps_done + 1}"
+            )
+            check_finite(scores, where)
         penalty = self.cfg.reward.missing_eos_penalty
         if penalty is not None:
             scores = torch.where(samples.truncated.cpu(), torch.full_like(scores, penalty), scores)

@@ -4,6 +4,7 @@ DeBERTa-v2 sequence classifier with a sentencepiece tokenizer (reward-model-debe
 
 from __future__ import annotations
 
+import math
 import string
 from pathlib import Path
 
@@ -65,3 +66,8 @@ def save_tiny_deberta_reward_model(path: Path, work: Path) -> Path:
     torch.manual_seed(0)
     DebertaV2ForSequenceClassification(config).save_pretrained(path)
     return path
+
+
+def nan_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """A broken reward: NaN for the second sample of every batch, the response length otherwise."""
+    return [math.nan if i == 1 else float(len(r)) for i, r in enumerate(responses)]

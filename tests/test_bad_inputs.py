@@ -78,6 +78,11 @@ CASES = [
     (["model.lora.enabled=true"], "model.shared_critic=False is not allowed: model.lora.enabled=true"),
     (["model.critic_init=path"], "model.critic_path=None is not allowed"),
     (["reward=http"], "reward.url"),
+    (["reward.on_nonfinite=ignore"], "reward.on_nonfinite='ignore' is not allowed: one of error, mask"),
+    (["ppo.max_consecutive_skips=0"], "ppo.max_consecutive_skips=0 is not allowed: must be > 0"),
+    (["trainer.resume=maybe"], "trainer.resume='maybe' is not allowed: one of auto, true, false"),
+    (["trainer.save_every=-1"], "trainer.save_every=-1 is not allowed: must be >= 0"),
+    (["trainer.keep_last=0"], "trainer.keep_last=0 is not allowed: must be > 0"),
     (
         ["data=dataset", "data.path=/no/such/prompts.jsonl"],
         "data.path='/no/such/prompts.jsonl' is not allowed: no such",

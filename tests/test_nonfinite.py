@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from rlhf.reward import FunctionReward
 from rlhf.run import build_trainer
-
-
-def nan_for_second(prompts, responses):
-    return [math.nan if i == 1 else float(len(r)) for i, r in enumerate(responses)]
+from tests.conftest import REPO, wandb_inspect
+from tests.stand_ins import nan_reward
 
 
 def snapshot(module):
@@ -21,7 +21,7 @@ def snapshot(module):
 
 def test_masked_nonfinite_rewards_drop_their_samples(make_cfg):
     trainer, train_prompts, _ = build_trainer(make_cfg("reward.on_nonfinite=mask"))
-    trainer.reward = FunctionReward(nan_for_second)
+    trainer.reward = FunctionReward(nan_reward)
     before = snapshot(trainer.actor)
     metrics = trainer.step(train_prompts[:8])
     exp = trainer.last_experience
@@ -53,3 +53,19 @@ def test_too_many_skips_in_a_row_stop_the_run(make_cfg):
     exp.advantages = torch.full_like(exp.advantages, math.inf)
     with pytest.raises(FloatingPointError, match=r"3 optimizer steps in a row were skipped .*max_consecutive_skips=3"):
         trainer.ppo_update(exp)
+
+
+def test_a_nan_reward_stops_the_run_before_any_update_and_finishes_wandb_as_failed(tmp_path, tiny_cache):
+    result = subprocess.run(
+        [sys.executable, "train.py", "reward.fn._target_=tests.stand_ins.nan_reward",
+         "trainer.allowed_targets=[tests.stand_ins.]", "trainer.steps=3", "rollout.batch_size=8",
+         "ppo.minibatch_size=4", "logging.wandb.mode=offline", "logging.progress_bar=false",
+         f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "held-out evaluation after step 0: the reward is not finite for sample(s) [1]" in result.stderr
+    assert "last complete checkpoint: none" in result.stdout
+    (state,) = wandb_inspect(tmp_path, "--summary")
+    assert state["state"] == "failed" and state["exit_code"] == 1
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "model").exists()

@@ -26,9 +26,9 @@ def test_split_is_disjoint_and_covers_every_prompt():
 
 
 def test_non_finite_scores_stop_the_step_naming_the_samples():
-    check_finite(torch.tensor([0.0, 1.0]), step=1)
+    check_finite(torch.tensor([0.0, 1.0]), "step 1")
     with pytest.raises(ValueError, match=r"step 7: the reward is not finite for sample\(s\) \[1, 3\]"):
-        check_finite(torch.tensor([0.0, math.nan, 1.0, math.inf]), step=7)
+        check_finite(torch.tensor([0.0, math.nan, 1.0, math.inf]), "step 7")
 
 
 def nan_for_second(prompts, responses):
