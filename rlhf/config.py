@@ -164,7 +164,7 @@ class GAEConfig:
 
 @dataclass
 class OptimizerConfig:
-    """Optimizers of the actor and the critic and their LR schedule: read by ``rlhf.run``. Nodes
+    """Optimizers of the actor and the critic and their LR schedule: read by ``rlhf.build``. Nodes
     are instantiated with ``_partial_: true`` and then given the parameters (or the optimizer)."""
 
     actor: Any = MISSING
@@ -174,7 +174,7 @@ class OptimizerConfig:
 
 @dataclass
 class HardwareConfig:
-    """Device and precision: read by ``rlhf.hardware``."""
+    """Device and precision: read by ``rlhf.build`` (device, threads, checkpointing) and the trainer (autocast)."""
 
     # "cpu" or "cuda".
     device: str = "cpu"
@@ -286,7 +286,7 @@ class LoggingConfig:
 
 @dataclass
 class TrainerConfig:
-    """The loop: read by ``rlhf.trainer``."""
+    """The loop, checkpoints and resume: read by ``rlhf.run`` and ``rlhf.checkpoint``."""
 
     # Number of PPO iterations (rollout + update).
     steps: int = 300

@@ -1,4 +1,5 @@
-"""``train(cfg)``: build the run from a composed config and loop PPO iterations.
+"""``train(cfg)``: build the run from a composed config (``rlhf.build``) and loop PPO iterations,
+checkpointing and resuming (``rlhf.checkpoint``) and stopping cleanly on SIGTERM/SIGINT.
 
 Entry point: ``python train.py`` (see README). Tests call ``train(cfg)`` directly.
 """
@@ -7,19 +8,14 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
-import warnings
 from pathlib import Path
 
-import hydra
-import numpy as np
-import torch
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
-from transformers.utils import logging as hf_logging
 
+from rlhf.build import build_trainer, make_schedulers
 from rlhf.checkpoint import (
     capture_rng,
     complete_checkpoints,
@@ -28,53 +24,15 @@ from rlhf.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from rlhf.config import DataConfig, loggable_config, validate
-from rlhf.data import PromptSampler, fit_prompt_lengths, load_prompts
+from rlhf.config import loggable_config, validate
+from rlhf.data import PromptSampler
 from rlhf.health import HealthMonitor
-from rlhf.job import check_command_line_targets, group_of, run_dir_of, run_name_of, write_status
-from rlhf.kl import make_kl_controller
-from rlhf.models import (
-    AdapterDisabledReference,
-    add_lora,
-    build_critic,
-    check_context_length,
-    frozen_copy,
-    load_actor,
-    load_tokenizer,
-    trunk_of,
-)
-from rlhf.reward import RewardNormalizer, build_reward
+from rlhf.job import group_of, run_dir_of, run_name_of, write_status
 from rlhf.signals import RunInterrupted, StopSignals
-from rlhf.tasks.arithmetic import exact_match_reward, solve, split_prompts
-from rlhf.tiny import ensure_tiny_actor
 from rlhf.tracking import Tracker
 from rlhf.trainer import PPOTrainer, token_debug_rows
 
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed every source of randomness (Python, NumPy, torch CPU and CUDA) and return the dedicated
-    generator that shuffles PPO mini-batches."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds CUDA
-    return torch.Generator().manual_seed(seed)
-
-
-def resolve_actor_paths(cfg: DictConfig) -> tuple[str, str]:
-    """(model path, tokenizer path): ``model.path``, or the tiny actor built on the built-in task."""
-    if cfg.model.path:
-        return cfg.model.path, cfg.model.tokenizer_path or cfg.model.path
-    # The run's own split when it trains on the task (its held-out prompts stay unseen in the warm-up
-    # too); the task's default split when the run's prompts come from elsewhere.
-    task = cfg.data if cfg.data.task == "arithmetic" else DataConfig()
-    train_prompts, eval_prompts = split_prompts(task.max_operand, task.num_eval, task.seed)
-    model_dir, tokenizer_dir = ensure_tiny_actor(
-        OmegaConf.to_object(cfg.model.tiny), cfg.model.cache_dir, train_prompts, [solve(p) for p in train_prompts],
-        eval_prompts, exact_match_reward,
-    )  # fmt: skip
-    return str(model_dir), str(tokenizer_dir)
 
 
 def evaluate(trainer: PPOTrainer, prompts: list[str]) -> dict[str, float]:
@@ -84,82 +42,6 @@ def evaluate(trainer: PPOTrainer, prompts: list[str]) -> dict[str, float]:
     # Non-finite scores (kept only with reward.on_nonfinite=mask) stay out of the means.
     return {"eval/score": sampled[sampled.isfinite()].mean().item(),
             "eval/score_greedy": greedy[greedy.isfinite()].mean().item()}  # fmt: skip
-
-
-def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
-    """Validate the config, then build data, reward and models: (trainer, train prompts, held-out prompts)."""
-    # 0. check the config, and everything else that is cheap to check, before any model is loaded
-    validate(cfg)
-    check_command_line_targets(list(cfg.trainer.allowed_targets))
-    hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
-    if cfg.hardware.num_threads is not None:
-        torch.set_num_threads(cfg.hardware.num_threads)
-    device = torch.device(cfg.hardware.device)
-
-    # 1. prompts, the actor's tokenizer, and whether prompts and responses fit the actor's context
-    train_prompts, eval_prompts = load_prompts(cfg.data)
-    model_path, tokenizer_path = resolve_actor_paths(cfg)
-    # Seed here, after the one step whose use of randomness depends on the cache (building the tiny
-    # actor or finding it built): from now on the run is a function of its config alone.
-    shuffle_generator = seed_everything(cfg.seed)
-    tokenizer_key = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
-    tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.add_pad_token, tokenizer_key)
-    train_prompts, eval_prompts = (
-        fit_prompt_lengths(tokenizer, prompts, cfg.data.max_prompt_length, cfg.data.overlong, name)
-        for prompts, name in ((train_prompts, "training"), (eval_prompts, "held-out"))
-    )
-    check_context_length(
-        model_path, cfg.data.max_prompt_length, cfg.rollout.max_new_tokens, cfg.model.trust_remote_code
-    )
-
-    # 2. reward, then the models: actor, frozen reference, critic
-    reward = build_reward(cfg.reward, device)
-    actor = load_actor(model_path, cfg.model.dtype, cfg.model.trust_remote_code, len(tokenizer)).to(device)
-    actor.config.pad_token_id = actor.generation_config.pad_token_id = tokenizer.pad_token_id
-    lora = cfg.model.lora
-    if lora.enabled:
-        actor = add_lora(actor, lora.r, lora.alpha, lora.dropout, lora.target_modules)
-        reference = AdapterDisabledReference(actor)
-    else:
-        reference = frozen_copy(actor)
-    critic_path = {"reward_model": cfg.reward.path, "path": cfg.model.critic_path}.get(cfg.model.critic_init)
-    critic = build_critic(
-        actor, tokenizer, cfg.model.critic_init, cfg.model.shared_critic, critic_path, cfg.model.value_head_std,
-        cfg.model.trust_remote_code,
-    )  # fmt: skip
-    if cfg.hardware.gradient_checkpointing:
-        actor.activation_checkpointing_enable()
-        if critic.backbone is not trunk_of(actor):
-            critic.backbone.activation_checkpointing_enable()
-
-    # 3. optimizers and KL controller
-    def trainable(*modules: torch.nn.Module) -> list[torch.nn.Parameter]:
-        return [p for module in modules for p in module.parameters() if p.requires_grad]
-
-    if cfg.model.shared_critic:
-        params = trainable(actor, critic.value_head)
-        actor_optimizer, critic_optimizer = hydra.utils.instantiate(cfg.optimizer.actor)(params), None
-    else:
-        actor_optimizer = hydra.utils.instantiate(cfg.optimizer.actor)(trainable(actor))
-        critic_optimizer = hydra.utils.instantiate(cfg.optimizer.critic)(trainable(critic))
-    schedulers = make_schedulers(cfg, [opt for opt in (actor_optimizer, critic_optimizer) if opt])
-    kl_controller = make_kl_controller(cfg.kl.controller, cfg.kl.beta, cfg.kl.target, cfg.kl.horizon)
-    normalizer = RewardNormalizer(cfg.reward.normalize, cfg.reward.gain, cfg.reward.bias, cfg.reward.clip)
-    trainer = PPOTrainer(
-        actor,
-        reference,
-        critic,
-        reward,
-        normalizer,
-        tokenizer,
-        actor_optimizer,
-        critic_optimizer,
-        schedulers,
-        kl_controller,
-        cfg,
-        shuffle_generator,
-    )
-    return trainer, train_prompts, eval_prompts
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -296,24 +178,6 @@ def restore_run(
     restore_rng(state["rng"])
     log.info("resuming from %s after step %d", path, state["step"])
     return state["wandb_run_id"], state["step"]
-
-
-def make_schedulers(
-    cfg: DictConfig, optimizers: list[torch.optim.Optimizer], steps_done: int = 0
-) -> list[torch.optim.lr_scheduler.LRScheduler]:
-    """One ``optimizer.scheduler`` per optimizer, stepped ``steps_done`` times from the start of its
-    schedule: the same float operations as an uninterrupted run, so the learning rates match it."""
-    schedulers = []
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:  # a resumed optimizer's rate has decayed: start over
-            group["lr"] = group.get("initial_lr", group["lr"])
-        scheduler = hydra.utils.instantiate(cfg.optimizer.scheduler)(optimizer)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch warns of scheduler steps without optimizer steps
-            for _ in range(steps_done):
-                scheduler.step()
-        schedulers.append(scheduler)
-    return schedulers
 
 
 def summarize(

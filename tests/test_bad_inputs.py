@@ -13,9 +13,9 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
+import rlhf.build
 import rlhf.reward
-import rlhf.run
-from rlhf.run import build_trainer, resolve_actor_paths
+from rlhf.build import build_trainer, resolve_actor_paths
 from tests.conftest import REPO
 from tests.stand_ins import save_tiny_qwen
 
@@ -106,7 +106,7 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(rlhf.run, "load_actor", refuse)
+    monkeypatch.setattr(rlhf.build, "load_actor", refuse)
     monkeypatch.setattr(rlhf.reward.AutoModelForSequenceClassification, "from_pretrained", refuse)
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from rlhf.build import build_trainer
 from rlhf.config import ConfigError, validate
 from rlhf.data import fit_prompt_lengths, load_prompts, read_prompt_column
 from rlhf.models import load_tokenizer
-from rlhf.run import build_trainer
 from rlhf.tiny import build_tokenizer
 from tests.conftest import compose
 

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
+from rlhf.build import build_trainer
 from rlhf.health import CHECKS, HealthMonitor
-from rlhf.run import build_trainer
 from rlhf.trainer import token_debug_rows
 
 HEALTHY = {

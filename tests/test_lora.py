@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlhf.build import build_trainer, resolve_actor_paths
 from rlhf.config import ConfigError, validate
 from rlhf.experience import compute_logprobs
 from rlhf.models import load_actor
-from rlhf.run import build_trainer, resolve_actor_paths
 from tests.conftest import compose
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from rlhf.run import build_trainer
+from rlhf.build import build_trainer
 from tests.stand_ins import save_tiny_deberta_reward_model, save_tiny_qwen
 from tests.test_train import reward_model_dir  # noqa: F401 (fixture: Qwen2 classifier on the tiny tokenizer)
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from rlhf.build import build_trainer
 from rlhf.reward import FunctionReward, HTTPReward, RewardNormalizer, check_finite
-from rlhf.run import build_trainer
 from rlhf.tasks.arithmetic import exact_match_reward, solve, split_prompts
 
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
+from rlhf.build import build_trainer
 from rlhf.losses import logprobs_from_logits, policy_loss
 from rlhf.models import action_logits
-from rlhf.run import build_trainer, train
+from rlhf.run import train
 from rlhf.tiny import build_tokenizer
 from tests.conftest import wandb_inspect
 
@@ -149,7 +150,7 @@ def test_default_task_reward_rises(make_cfg):
 def test_default_reference_knows_the_answers_but_samples_diffusely(make_cfg):
     # The built-in warm-up: the answers are the tiny actor's mode (greedy >= target) while its samples
     # are right at most half the time, so PPO has something to learn and the KL something to measure.
-    from rlhf.run import resolve_actor_paths
+    from rlhf.build import resolve_actor_paths
 
     cfg = make_cfg()
     model_dir, tokenizer_dir = resolve_actor_paths(cfg)
