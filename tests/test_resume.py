@@ -119,6 +119,25 @@ def test_a_second_signal_stops_at_once_keeping_the_last_checkpoint(tmp_path, uni
     assert_same_run(uninterrupted, run_dir, range(7))
 
 
+@pytest.mark.slow
+def test_a_signal_ends_a_sweep_and_the_same_sweep_dir_resumes_it(tmp_path, tiny_cache):
+    def sweep(env=None):
+        return subprocess.run(
+            [sys.executable, "train.py", "-m", "seed=0,1", *COMMON, *SIGNALLED[1:], "trainer.steps=3",
+             f"hydra.sweep.dir={tmp_path}"],
+            cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})},
+        )  # fmt: skip
+
+    stopped = sweep({ENV: "6:SIGTERM"})  # inside PPO step 2 of job 0
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    assert sorted(metrics(tmp_path / "0")) == [0, 1, 2] and not (tmp_path / "1").exists()
+    resumed = sweep()
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for job in ("0", "1"):
+        assert sorted(metrics(tmp_path / job)) == [0, 1, 2, 3]
+        assert json.loads((tmp_path / job / "status.json").read_text())["status"] == "completed"
+
+
 def test_a_second_signal_while_writing_waits_for_the_write(tmp_path):
     model = torch.nn.Linear(4, 4)
     with StopSignals() as stop:
