@@ -95,12 +95,21 @@ def save_checkpoint(
     for path in staging.iterdir():
         with path.open("rb") as f:
             os.fsync(f.fileno())
-    if final.exists():  # an incomplete leftover of a save that died after its rename began
+    if final.exists():  # a step folder without a manifest is no checkpoint (ours appear by one rename)
         _remove(final)
     staging.rename(final)
+    _fsync_dir(root)  # the rename itself survives a power cut
     for old in complete_checkpoints(root)[:-keep_last]:
         _remove(old)
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: Path, models: dict[str, nn.Module]) -> dict[str, Any]:

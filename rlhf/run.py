@@ -63,29 +63,33 @@ def train(cfg: DictConfig) -> dict[str, float]:
         group_of(cfg), run_name_of(cfg), list(wandb_cfg.tags), run_id, last_step,
     )  # fmt: skip
     exit_code, preempted = 1, False
-    try:
-        with StopSignals() as stop:
+    # From here on a stop signal is handled: the loop stops after its step; later, the run finishes.
+    with StopSignals() as stop:
+        try:
             history = ppo_loop(cfg, trainer, sampler, health, tracker, eval_prompts, stop, run_dir)
-        summary = summarize(history[0], history[1:], time.perf_counter() - started, cfg.trainer.objective_kl_weight)
-        if cfg.trainer.save_model:
-            # save_pretrained of a peft model writes the adapters only.
-            trainer.actor.save_pretrained(run_dir / "model")
-            trainer.tokenizer.save_pretrained(run_dir / "model")
-        tracker.summary(summary)
-        write_status(run_dir, "completed", summary=summary)
-        print_summary(summary, run_dir)
-        exit_code = 0
-        return summary
-    except RunInterrupted as stopped:
-        exit_code, preempted = stopped.exit_code, True
-        write_status(run_dir, "interrupted", step=stopped.step, checkpoint=str(stopped.checkpoint))
-        raise
-    except BaseException:
-        checkpoints = complete_checkpoints(run_dir / "checkpoints")
-        log.error("the run failed; last complete checkpoint: %s", checkpoints[-1] if checkpoints else "none")
-        raise
-    finally:
-        tracker.finish(exit_code, preempted)
+            summary = summarize(
+                history[0], history[1:], time.perf_counter() - started, cfg.trainer.objective_kl_weight
+            )
+            if cfg.trainer.save_model:
+                # save_pretrained of a peft model writes the adapters only.
+                trainer.actor.save_pretrained(run_dir / "model")
+                trainer.tokenizer.save_pretrained(run_dir / "model")
+            tracker.summary(summary)
+            write_status(run_dir, "completed", summary=summary)
+            print_summary(summary, run_dir)
+            exit_code = 0
+            return summary
+        except RunInterrupted as stopped:
+            exit_code, preempted = stopped.exit_code, True
+            write_status(run_dir, "interrupted", step=stopped.step, checkpoint=str(stopped.checkpoint))
+            raise
+        except BaseException:
+            checkpoints = complete_checkpoints(run_dir / "checkpoints")
+            log.error("the run failed; last complete checkpoint: %s", checkpoints[-1] if checkpoints else "none")
+            raise
+        finally:
+            with stop.protected():
+                tracker.finish(exit_code, preempted)
 
 
 def ppo_loop(
