@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,12 @@ class Workload:
 
 WORKLOADS = {
     "tiny": Workload(128, 2, 4, 2, 256, 320, prompts_per_step=64, new_tokens=8, ppo_epochs=4, mini_batches=4),
+    # 24.4M-parameter actor (8 layers of hidden 512), 32 new tokens
+    "small": Workload(512, 8, 8, 4, 1408, 320, prompts_per_step=32, new_tokens=32, ppo_epochs=4, mini_batches=4),
 }
+# --scaling: rlhf alone, varying one of rollout batch and response length around the workload's own
+SCALING_BATCHES = (16, 32, 64)
+SCALING_NEW_TOKENS = (16, 32, 64)
 
 SPECIAL = ["<pad>", "<eos>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -159,7 +164,14 @@ def matmul_peak_gflops(threads: int) -> float:
 # --- the two systems, each run in its own subprocess --------------------------------------------
 
 
-def run_rlhf(root: Path, workload: Workload, iterations: int, threads: int) -> list[dict[str, float]]:
+def rlhf_overrides(threads: int) -> list[str]:
+    """rlhf's settings for the machine: with two or more threads, actor and critic run side by side."""
+    return [f"hardware.num_threads={threads}", f"hardware.parallel_models={str(threads >= 2).lower()}"]
+
+
+def run_rlhf(
+    root: Path, workload: Workload, iterations: int, threads: int, extra: list[str]
+) -> list[dict[str, float]]:
     """rlhf's PPOTrainer.step on the workload; returns per-iteration seconds by phase."""
     from hydra import compose, initialize_config_dir
 
@@ -176,7 +188,7 @@ def run_rlhf(root: Path, workload: Workload, iterations: int, threads: int) -> l
         f"data.cache_dir={root / 'datasets-cache'}",
         f"rollout.batch_size={batch}", f"rollout.max_new_tokens={workload.new_tokens}",
         f"ppo.epochs={workload.ppo_epochs}", f"ppo.minibatch_size={batch // workload.mini_batches}",
-        f"hardware.num_threads={threads}", "logging.wandb.mode=disabled", f"trainer.output_dir={root / 'rlhf-run'}",
+        "logging.wandb.mode=disabled", f"trainer.output_dir={root / 'rlhf-run'}", *rlhf_overrides(threads), *extra,
     ]  # fmt: skip
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
@@ -193,7 +205,7 @@ def run_rlhf(root: Path, workload: Workload, iterations: int, threads: int) -> l
     return rows[1:]
 
 
-def run_trl(root: Path, workload: Workload, iterations: int, threads: int) -> list[dict[str, float]]:
+def run_trl(root: Path, workload: Workload, iterations: int, threads: int, extra: list[str]) -> list[dict[str, float]]:
     """TRL's PPOTrainer.train on the workload; phases timed by wrapping its module-level helpers. The
     update phase is the rest of the iteration (TRL's GAE and bookkeeping included)."""
     import torch
@@ -263,9 +275,9 @@ def run_trl(root: Path, workload: Workload, iterations: int, threads: int) -> li
     return rows[1:]
 
 
-def worker(system: str, root: Path, workload: Workload, iterations: int, threads: int) -> None:
+def worker(system: str, root: Path, workload: Workload, iterations: int, threads: int, extra: list[str]) -> None:
     run = {"rlhf": run_rlhf, "trl": run_trl}[system]
-    rows = run(root, workload, iterations, threads)
+    rows = run(root, workload, iterations, threads, extra)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps({"rows": rows, "peak_rss_mb": peak_mb}))
 
@@ -299,6 +311,46 @@ def summarise(system: str, runs: list[dict], flops: dict[str, float], peak: floa
     }
 
 
+def run_workers(systems: list[str], root: Path, workload: Workload, args: argparse.Namespace) -> dict[str, list[dict]]:
+    """``args.repeats`` repetitions, each running every system once in a fresh subprocess, alternating."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    runs: dict[str, list[dict]] = {s: [] for s in systems}
+    for repeat in range(args.repeats):
+        for system in systems if repeat % 2 == 0 else systems[::-1]:
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", system, "--root", str(root), "--workload-json",
+                 json.dumps(asdict(workload)), "--iterations", str(args.iterations), "--threads", str(args.threads),
+                 *(f"--rlhf-override={o}" for o in args.rlhf_override)],
+                capture_output=True, text=True, env=env, cwd=REPO,
+            )  # fmt: skip
+            result = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+            if out.returncode != 0 or not result:
+                sys.exit(f"{system} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
+            runs[system].append(json.loads(result[-1][len("RESULT ") :]))
+    return runs
+
+
+def scaling(root: Path, workload: Workload, args: argparse.Namespace, peak: float) -> None:
+    """rlhf alone: seconds per iteration as the rollout batch, then the response length, vary."""
+    cells = [replace(workload, prompts_per_step=b) for b in SCALING_BATCHES]
+    cells += [replace(workload, new_tokens=n) for n in SCALING_NEW_TOKENS if n != workload.new_tokens]
+    print("| prompts / step | new tokens | s / iteration | generation | experience | update | update / matmul peak |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for cell in cells:
+        summary = summarise("rlhf", run_workers(["rlhf"], root, cell, args)["rlhf"], workload_flops(root, cell), peak)
+        print(
+            json.dumps({"workload": args.workload, **asdict(cell), "threads": args.threads, **summary}),
+            file=sys.stderr,
+        )
+        phases = summary["phases_s"]
+        print(
+            f"| {cell.prompts_per_step} | {cell.new_tokens} | {summary['s_per_iter_median']:.3f} | "
+            f"{phases['generation']:.3f} | {phases['experience']:.3f} | {phases['update']:.3f} | "
+            f"{summary['update_share_of_peak']:.0%} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", default="tiny", choices=sorted(WORKLOADS))
@@ -306,37 +358,34 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3, help="timed PPO iterations per subprocess")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both systems")
     parser.add_argument("--systems", default="rlhf,trl")
+    parser.add_argument(
+        "--scaling", action="store_true", help="rlhf alone: a table over batch size and response length"
+    )
+    parser.add_argument("--rlhf-override", action="append", default=[], help="an extra rlhf config override")
     parser.add_argument("--worker", choices=("rlhf", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--workload-json", help=argparse.SUPPRESS)
     args = parser.parse_args()
     workload = WORKLOADS[args.workload]
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if args.worker:
-        worker(args.worker, args.root, workload, args.iterations, args.threads)
+        workload = Workload(**json.loads(args.workload_json))
+        worker(args.worker, args.root, workload, args.iterations, args.threads, args.rlhf_override)
         return
 
     systems = args.systems.split(",")
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
         root = Path(tmp)
         build(workload, root)
-        flops = workload_flops(root, workload)
         peak = matmul_peak_gflops(args.threads)
-        runs: dict[str, list[dict]] = {s: [] for s in systems}
-        for repeat in range(args.repeats):
-            for system in systems if repeat % 2 == 0 else systems[::-1]:
-                out = subprocess.run(
-                    [sys.executable, __file__, "--worker", system, "--root", str(root), "--workload", args.workload,
-                     "--iterations", str(args.iterations), "--threads", str(args.threads)],
-                    capture_output=True, text=True, env=env, cwd=REPO,
-                )  # fmt: skip
-                result = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-                if out.returncode != 0 or not result:
-                    sys.exit(f"{system} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
-                runs[system].append(json.loads(result[-1][len("RESULT ") :]))
+        if args.scaling:
+            scaling(root, workload, args, peak)
+            return
+        flops = workload_flops(root, workload)
+        runs = run_workers(systems, root, workload, args)
         summaries = {s: summarise(s, runs[s], flops, peak) for s in systems}
     context = {"workload": args.workload, **asdict(workload), "threads": args.threads, "repeats": args.repeats}
+    context["rlhf_overrides"] = rlhf_overrides(args.threads) + args.rlhf_override
     for summary in summaries.values():
         print(json.dumps({**context, **summary}))
     if set(summaries) == {"rlhf", "trl"}:

@@ -174,7 +174,8 @@ class OptimizerConfig:
 
 @dataclass
 class HardwareConfig:
-    """Device and precision: read by ``rlhf.build`` (device, threads, checkpointing) and the trainer (autocast)."""
+    """Device and precision: read by ``rlhf.build`` (device, threads, checkpointing) and the trainer
+    (autocast, parallel models)."""
 
     # "cpu" or "cuda".
     device: str = "cpu"
@@ -184,6 +185,9 @@ class HardwareConfig:
     num_threads: int | None = 1
     # Recompute activations in the backward pass of actor and critic (less memory, more time).
     gradient_checkpointing: bool = False
+    # CPU: actor and critic forward, backward and step at once on two threads (and the experience
+    # forwards in two halves), each with half of num_threads. Needs a critic with its own trunk.
+    parallel_models: bool = False
 
 
 @dataclass
@@ -458,6 +462,11 @@ def validate(cfg: Any) -> None:
     _one_of("hardware.autocast_dtype", hardware.autocast_dtype, DTYPE_NAMES)
     if hardware.num_threads is not None:
         _positive("hardware.num_threads", hardware.num_threads)
+    if hardware.parallel_models:
+        _check(hardware.device == "cpu", "hardware.parallel_models", hardware.parallel_models,
+               "runs two models side by side on a CPU's cores: needs hardware.device=cpu")
+        _check(not cfg.model.shared_critic, "hardware.parallel_models", hardware.parallel_models,
+               "a critic sharing the actor's trunk (model.shared_critic=true) cannot run beside it")
 
     data = cfg.data
     _one_of("data.task", data.task, ("arithmetic", "dataset"))

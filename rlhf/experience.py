@@ -38,6 +38,16 @@ class Experience:
         """The rows ``index`` (a mini-batch), every field sliced the same way."""
         return Experience(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
+    def trim_padding(self) -> Experience:
+        """Without the leading columns that are padding in every row. Prompts are left-padded to
+        the longest of the whole rollout; a mini-batch needs only its own longest. Positions come
+        from the attention mask, so what the models compute is unchanged."""
+        first = int(self.attention_mask.any(dim=0).int().argmax())  # the first column with a real token
+        if first == 0:
+            return self
+        trimmed = {"sequences": self.sequences[:, first:], "attention_mask": self.attention_mask[:, first:]}
+        return Experience(**{f.name: trimmed.get(f.name, getattr(self, f.name)) for f in fields(self)})
+
 
 @torch.no_grad()
 def compute_logprobs(model, samples: Samples, temperature: float) -> torch.Tensor:
@@ -47,28 +57,30 @@ def compute_logprobs(model, samples: Samples, temperature: float) -> torch.Tenso
 
 
 @torch.no_grad()
+def compute_values(critic, samples: Samples) -> torch.Tensor:
+    """(B, A) values V(s_t) of the states before each response token under ``critic``."""
+    return action_values(critic, samples.sequences, samples.attention_mask, samples.num_actions)
+
+
+@torch.no_grad()
 def make_experience(
     samples: Samples,
     scores: torch.Tensor,
-    actor,
-    reference,
-    critic,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    values: torch.Tensor,
     kl_coef: float,
     kl_estimator: str,
-    temperature: float,
     gamma: float,
     lam: float,
     whiten_rewards: bool,
     whiten_advantages: bool,
     advantage_clip: float | None = None,
 ) -> Experience:
-    """Log-probs, reference log-probs, KL, shaped rewards, values, advantages and returns."""
+    """KL, shaped rewards, advantages and returns from the rollout's forwards (``compute_logprobs``
+    of the actor and the reference, ``compute_values`` of the critic); padding zeroed everywhere."""
     mask = samples.action_mask
-    actor.eval()
-    critic.eval()
-    old_logprobs = compute_logprobs(actor, samples, temperature) * mask
-    ref_logprobs = compute_logprobs(reference, samples, temperature) * mask
-    old_values = action_values(critic, samples.sequences, samples.attention_mask, samples.num_actions) * mask
+    old_logprobs, ref_logprobs, old_values = logprobs * mask, ref_logprobs * mask, values * mask
     kl = kl_estimate(old_logprobs, ref_logprobs, kl_estimator) * mask
     rewards = shape_rewards(scores.to(kl.device), kl, kl_coef, mask)
     if whiten_rewards:

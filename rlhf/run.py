@@ -175,7 +175,7 @@ def restore_run(
     trainer.load_state_dict(state["trainer"])
     if state["planned_steps"] != cfg.trainer.steps:
         # trainer.steps was raised: the LR schedule continues as if the run had been planned this long.
-        trainer.schedulers = make_schedulers(cfg, trainer.optimizers(), trainer.steps_done)
+        trainer.schedulers = make_schedulers(cfg, list(trainer.optimizers().values()), trainer.steps_done)
         log.info("LR schedule re-planned over trainer.steps=%d (was %d)", cfg.trainer.steps, state["planned_steps"])
     sampler.load_state_dict(state["sampler"])
     health.load_state_dict(state["health"])

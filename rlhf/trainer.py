@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import TypeVar
 
 import torch
 from torch import nn
 
-from rlhf.experience import Experience, make_experience
+from rlhf.experience import Experience, compute_logprobs, compute_values, make_experience
 from rlhf.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from rlhf.masked import masked_mean, masked_var
 from rlhf.models import action_logits, action_values
 from rlhf.reward import check_finite
 from rlhf.rollout import Samples, generate
+
+A = TypeVar("A")
+B = TypeVar("B")
 
 
 class PPOTrainer:
@@ -49,7 +55,27 @@ class PPOTrainer:
         self.cfg = cfg
         self.generator = shuffle_generator  # mini-batch shuffling only
         self.steps_done = 0
-        self.consecutive_skips = 0  # optimizer steps skipped in a row for non-finite values
+        # per optimizer: steps skipped in a row for a non-finite loss or gradient
+        self.consecutive_skips = {name: 0 for name in self.optimizers()}
+        self.pool = model_threads(cfg.hardware.num_threads) if cfg.hardware.parallel_models else None
+        self.cancelled = threading.Event()  # set when one of two parallel loops fails: the other stops
+
+    def in_parallel(self, first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
+        """``(first(), second())``: at once on the two model threads with ``hardware.parallel_models``,
+        else one after the other. Grad mode and autocast are per thread: each callable sets its own."""
+        if self.pool is None:
+            return first(), second()
+        futures = self.pool.submit(first), self.pool.submit(second)
+        try:
+            _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            if pending:  # one failed: tell the other to stop at its next mini-batch
+                self.cancelled.set()
+        except BaseException:  # a stop signal's exception in this thread
+            self.cancelled.set()
+            raise
+        finally:
+            wait(futures)
+        return futures[0].result(), futures[1].result()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision for forwards when ``hardware.autocast_dtype`` is not float32."""
@@ -83,6 +109,20 @@ class PPOTrainer:
             scores = torch.where(samples.truncated.cpu(), torch.full_like(scores, penalty), scores)
         return scores
 
+    def score_and_values(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) scores (see ``score``) and (B, A) critic values of a rollout."""
+        scores = self.score(samples)
+        with self.autocast():
+            return scores, compute_values(self.critic, samples)
+
+    def policy_logprobs(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) log-probs of the sampled tokens under the actor and under the reference."""
+        temperature = self.cfg.rollout.temperature
+        with self.autocast():
+            return compute_logprobs(self.actor, samples, temperature), compute_logprobs(
+                self.reference, samples, temperature
+            )
+
     def step(self, prompts: list[str]) -> dict[str, float]:
         """One PPO iteration on a batch of prompts; returns the step's metrics."""
         cfg = self.cfg
@@ -91,23 +131,25 @@ class PPOTrainer:
         with self.autocast():
             samples = self.generate(prompts)
         t1 = time.perf_counter()
-        # 2. score: reward model or reward function on the decoded text, then optional scaling;
+        # 2. score and experience forwards (no gradients): the reward on the decoded text, the critic's
+        # values, the actor's and the reference's log-probs; two halves, at once with hardware.parallel_models
+        self.actor.eval()
+        self.critic.eval()
+        (raw_scores, values), (logprobs, ref_logprobs) = self.in_parallel(
+            lambda: self.score_and_values(samples), lambda: self.policy_logprobs(samples)
+        )
         # samples with a non-finite score (reward.on_nonfinite=mask) lose their actions: advantage 0,
         # out of every statistic
-        raw_scores = self.score(samples)
         finite = torch.isfinite(raw_scores)
         samples.action_mask &= finite[:, None].to(samples.action_mask.device)
         scores = torch.zeros_like(raw_scores)
         scores[finite] = self.reward_normalizer(raw_scores[finite])
-        # 3. experience: log-probs, reference log-probs, KL-shaped rewards, values, GAE
+        # 3. experience: per-token KL, KL-shaped rewards, GAE advantages and returns
         kl_coef = self.kl_controller.value
-        with self.autocast():
-            exp = make_experience(
-                samples, scores, self.actor, self.reference, self.critic, kl_coef, cfg.kl.estimator,
-                cfg.rollout.temperature, cfg.gae.gamma, cfg.gae.lam, cfg.gae.whiten_rewards,
-                cfg.gae.whiten_advantages,
-                cfg.gae.advantage_clip,
-            )  # fmt: skip
+        exp = make_experience(
+            samples, scores, logprobs, ref_logprobs, values, kl_coef, cfg.kl.estimator, cfg.gae.gamma, cfg.gae.lam,
+            cfg.gae.whiten_rewards, cfg.gae.whiten_advantages, cfg.gae.advantage_clip,
+        )  # fmt: skip
         t2 = time.perf_counter()
         # 4. PPO epochs over shuffled mini-batches
         update_stats = self.ppo_update(exp)
@@ -136,80 +178,124 @@ class PPOTrainer:
         return metrics
 
     def ppo_update(self, exp: Experience) -> dict[str, float]:
-        """``ppo.epochs`` passes of shuffled mini-batches; returns the stats averaged over them."""
+        """``ppo.epochs`` passes of shuffled mini-batches; returns the stats averaged over them.
+
+        Actor and critic see the same mini-batches in the same order. Their graphs and optimizers are
+        separate, so each trains in its own loop (at once on two threads with
+        ``hardware.parallel_models``): the same gradients as one backward of the summed loss, and a
+        non-finite loss or gradient skips that model's step only. A critic sharing the actor's trunk
+        trains in one loop with one backward of the sum; its own parameters are the value head.
+        """
         ppo = self.cfg.ppo
         batch_size = exp.sequences.shape[0]
-        num_actions = exp.action_mask.shape[1]
+        orders = [torch.randperm(batch_size, generator=self.generator) for _ in range(ppo.epochs)]
+        minibatches = [
+            order[i : i + ppo.minibatch_size] for order in orders for i in range(0, batch_size, ppo.minibatch_size)
+        ]
         self.actor.train()
         self.critic.train()
+        self.cancelled.clear()
+        actor_params, critic_params = list(self.actor.parameters()), list(self.critic.parameters())
+        if self.critic_optimizer is None:
+
+            def objective(mb: Experience) -> dict[str, torch.Tensor]:
+                policy, value = self.policy_objective(mb), self.value_objective(mb)
+                return {**policy, **value, "loss": policy["loss"] + value["loss"]}
+
+            head = list(self.critic.value_head.parameters())
+            stats = self.train_minibatches(
+                "actor", objective, {"actor": actor_params, "critic": head}, exp, minibatches
+            )
+        else:
+            actor, critic = self.in_parallel(
+                lambda: self.train_minibatches(
+                    "actor", self.policy_objective, {"actor": actor_params}, exp, minibatches
+                ),
+                lambda: self.train_minibatches(
+                    "critic", self.value_objective, {"critic": critic_params}, exp, minibatches
+                ),
+            )
+            stats = {**actor, **critic, "loss": actor["loss"] + critic["loss"]}
+        stats["loss/total"] = stats.pop("loss")
+        return stats
+
+    def train_minibatches(
+        self,
+        name: str,
+        objective: Callable[[Experience], dict[str, torch.Tensor]],
+        clip: dict[str, list[nn.Parameter]],
+        exp: Experience,
+        minibatches: list[torch.Tensor],
+    ) -> dict[str, float]:
+        """The ``name`` optimizer over the mini-batches in turn: the objective's forward and loss,
+        backward, the gradient norm of each group in ``clip`` clipped (``optim/<group>_grad_norm``
+        is the norm before clipping), step. A non-finite loss or norm skips the step, leaving the
+        parameters and the optimizer state bitwise as they were; ``ppo.max_consecutive_skips`` in a
+        row stop the run. Returns the objective's statistics averaged over the mini-batches."""
+        ppo, optimizer = self.cfg.ppo, self.optimizers()[name]
         sums: dict[str, float] = defaultdict(float)
-        count = 0
-        for epoch in range(ppo.epochs):
-            order = torch.randperm(batch_size, generator=self.generator)
-            for start in range(0, batch_size, ppo.minibatch_size):
-                mb = exp.select(order[start : start + ppo.minibatch_size].to(exp.sequences.device))
-                mask = mb.action_mask
-                with self.autocast():
-                    logits = action_logits(
-                        self.actor, mb.sequences, mb.attention_mask, num_actions, self.cfg.rollout.temperature
-                    )  # (b, A, V), float32
-                    values = action_values(self.critic, mb.sequences, mb.attention_mask, num_actions)
-                logprobs = logprobs_from_logits(logits, mb.sequences[:, -num_actions:])
-                entropy = masked_mean(entropy_from_logits(logits), mask)
-                pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, ppo.clip_eps)
-                vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, mask, ppo.value_clip_eps)
-                loss = pg_loss + ppo.vf_coef * vf_loss - ppo.entropy_coef * entropy
-                actor_norm, critic_norm, skipped = self.optimize(loss)
-                self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
-                sums["optim/skipped_steps"] += skipped
-                if self.consecutive_skips >= ppo.max_consecutive_skips:
-                    raise FloatingPointError(
-                        f"step {self.steps_done + 1}: {self.consecutive_skips} optimizer steps in a row were skipped "
-                        f"for a non-finite loss or gradient (ppo.max_consecutive_skips={ppo.max_consecutive_skips})"
-                    )
-                if epoch == 0 and start == 0:
-                    # The first mini-batch sees the weights that produced old_logprobs: ratio must be 1.
-                    sums["policy/ratio_dev_first"] = pg_stats["ratio_max_dev"].item()
-                for key, value in (
-                    ("loss/policy", pg_loss), ("loss/value", vf_loss), ("loss/total", loss),
-                    ("policy/entropy", entropy), ("policy/clipfrac", pg_stats["clipfrac"]),
-                    ("policy/approx_kl", pg_stats["approx_kl"]), ("policy/ratio_mean", pg_stats["ratio"]),
-                    ("val/clipfrac", vf_stats["clipfrac"]), ("optim/actor_grad_norm", actor_norm),
-                    ("optim/critic_grad_norm", critic_norm),
-                ):  # fmt: skip
-                    sums[key] += float(value.detach())
-                count += 1
-        totals = ("policy/ratio_dev_first", "optim/skipped_steps")  # reported as they are, not averaged
-        return {k: (v if k in totals else v / count) for k, v in sums.items()}
-
-    def optimize(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Backward, clip each model's gradient norm, step; returns the norms before clipping and
-        whether the step was skipped. A non-finite loss or gradient norm skips the step: parameters
-        and optimizer state stay bitwise as they were.
-
-        With a shared trunk the critic's own parameters are just the value head (the trunk is the
-        actor's and is clipped with it).
-        """
-        max_norm = self.cfg.ppo.max_grad_norm
-        optimizers = self.optimizers()
-        for optimizer in optimizers:
+        totals = {f"optim/{name}_skipped_steps": 0.0}  # reported as they are, not averaged
+        for i, index in enumerate(minibatches):
+            if self.cancelled.is_set():
+                break
+            mb = exp.select(index.to(exp.sequences.device)).trim_padding()
             optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        shared = self.critic_optimizer is None
-        critic_params = self.critic.value_head.parameters() if shared else self.critic.parameters()
-        actor_norm = nn.utils.clip_grad_norm_(self.actor.parameters(), max_norm)
-        critic_norm = nn.utils.clip_grad_norm_(critic_params, max_norm)
-        if not (torch.isfinite(loss) and torch.isfinite(actor_norm) and torch.isfinite(critic_norm)):
-            for optimizer in optimizers:
+            stats = objective(mb)
+            stats["loss"].backward()
+            stats.update({
+                f"optim/{group}_grad_norm": nn.utils.clip_grad_norm_(params, ppo.max_grad_norm)
+                for group, params in clip.items()
+            })  # fmt: skip
+            if all(torch.isfinite(stats[key]) for key in ("loss", *(f"optim/{group}_grad_norm" for group in clip))):
+                optimizer.step()
+                self.consecutive_skips[name] = 0
+            else:
                 optimizer.zero_grad(set_to_none=True)
-            return actor_norm, critic_norm, True
-        for optimizer in optimizers:
-            optimizer.step()
-        return actor_norm, critic_norm, False
+                self.consecutive_skips[name] += 1
+                totals[f"optim/{name}_skipped_steps"] += 1
+                if self.consecutive_skips[name] >= ppo.max_consecutive_skips:
+                    raise FloatingPointError(
+                        f"step {self.steps_done + 1} ({name}): {self.consecutive_skips[name]} optimizer steps in a "
+                        "row were skipped for a non-finite loss or gradient "
+                        f"(ppo.max_consecutive_skips={ppo.max_consecutive_skips})"
+                    )
+            ratio_max_dev = stats.pop("ratio_max_dev", None)
+            if i == 0 and ratio_max_dev is not None:
+                # The first mini-batch sees the weights that produced old_logprobs: ratio must be 1.
+                totals["policy/ratio_dev_first"] = ratio_max_dev.item()
+            for key, value in stats.items():
+                sums[key] += float(value.detach())
+        return {**{key: value / len(minibatches) for key, value in sums.items()}, **totals}
 
-    def optimizers(self) -> list[torch.optim.Optimizer]:
+    def policy_objective(self, mb: Experience) -> dict[str, torch.Tensor]:
+        """The actor's forward on a mini-batch: its loss term (clipped policy loss minus the entropy
+        bonus) and the policy's statistics."""
+        ppo, num_actions = self.cfg.ppo, mb.action_mask.shape[1]
+        with self.autocast():
+            logits = action_logits(
+                self.actor, mb.sequences, mb.attention_mask, num_actions, self.cfg.rollout.temperature
+            )  # (b, A, V), float32
+        logprobs = logprobs_from_logits(logits, mb.sequences[:, -num_actions:])
+        entropy = masked_mean(entropy_from_logits(logits), mb.action_mask)
+        pg_loss, stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, ppo.clip_eps)
+        return {
+            "loss": pg_loss - ppo.entropy_coef * entropy, "loss/policy": pg_loss, "policy/entropy": entropy,
+            "policy/clipfrac": stats["clipfrac"], "policy/approx_kl": stats["approx_kl"],
+            "policy/ratio_mean": stats["ratio"], "ratio_max_dev": stats["ratio_max_dev"],
+        }  # fmt: skip
+
+    def value_objective(self, mb: Experience) -> dict[str, torch.Tensor]:
+        """The critic's forward on a mini-batch: its loss term (vf_coef times the clipped value loss)."""
+        ppo, num_actions = self.cfg.ppo, mb.action_mask.shape[1]
+        with self.autocast():
+            values = action_values(self.critic, mb.sequences, mb.attention_mask, num_actions)
+        vf_loss, stats = value_loss(values, mb.old_values, mb.returns, mb.action_mask, ppo.value_clip_eps)
+        return {"loss": ppo.vf_coef * vf_loss, "loss/value": vf_loss, "val/clipfrac": stats["clipfrac"]}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """The actor's optimizer, and the critic's unless the critic shares the actor's trunk."""
-        return [opt for opt in (self.actor_optimizer, self.critic_optimizer) if opt is not None]
+        optimizers = {"actor": self.actor_optimizer, "critic": self.critic_optimizer}
+        return {name: optimizer for name, optimizer in optimizers.items() if optimizer is not None}
 
     def state_dict(self) -> dict:
         """What the trainer needs to continue exactly: optimizers, schedulers, KL coefficient,
@@ -226,7 +312,7 @@ class PPOTrainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.steps_done, self.consecutive_skips = state["steps_done"], state["consecutive_skips"]
+        self.steps_done, self.consecutive_skips = state["steps_done"], dict(state["consecutive_skips"])
         self.actor_optimizer.load_state_dict(state["actor_optimizer"])
         if self.critic_optimizer is not None:
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
@@ -242,6 +328,15 @@ class PPOTrainer:
         if self.critic_optimizer is not None:
             metrics["optim/critic_lr"] = self.critic_optimizer.param_groups[0]["lr"]
         return metrics
+
+
+def model_threads(num_threads: int | None) -> ThreadPoolExecutor:
+    """Two worker threads, each running its torch ops on half of ``num_threads`` intra-op threads
+    (at least one): two models side by side on a CPU's cores."""
+    per_thread = max(1, (num_threads or torch.get_num_threads()) // 2)
+    return ThreadPoolExecutor(
+        2, thread_name_prefix="rlhf-model", initializer=torch.set_num_threads, initargs=(per_thread,)
+    )
 
 
 def token_debug_rows(samples: Samples, exp: Experience, tokenizer, num_samples: int) -> list[dict]:

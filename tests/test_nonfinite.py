@@ -37,13 +37,30 @@ def test_nonfinite_loss_skips_the_step_and_leaves_weights_bitwise(make_cfg):
     trainer.step(train_prompts[:8])
     exp = trainer.last_experience
     exp.advantages = torch.full_like(exp.advantages, math.nan)
-    actor, critic = snapshot(trainer.actor), snapshot(trainer.critic)
+    actor = snapshot(trainer.actor)
     adam_steps = [s["step"].clone() for s in trainer.actor_optimizer.state.values()]
+    critic_steps = [s["step"].clone() for s in trainer.critic_optimizer.state.values()]
     stats = trainer.ppo_update(exp)
-    assert stats["optim/skipped_steps"] == 4  # 2 epochs x 2 mini-batches of 4
+    assert stats["optim/actor_skipped_steps"] == 4  # 2 epochs x 2 mini-batches of 4
     assert all(torch.equal(actor[n], p) for n, p in trainer.actor.named_parameters())
-    assert all(torch.equal(critic[n], p) for n, p in trainer.critic.named_parameters())
     assert [s["step"] for s in trainer.actor_optimizer.state.values()] == adam_steps
+    # The critic's loss (returns and values) is finite: its separate optimizer still steps (at the
+    # learning rate of the schedule's end, 0 in this one-step run).
+    assert stats["optim/critic_skipped_steps"] == 0
+    assert [s["step"] for s in trainer.critic_optimizer.state.values()] == [n + 4 for n in critic_steps]
+
+
+def test_a_nonfinite_value_loss_skips_the_critic_step_only(make_cfg):
+    trainer, train_prompts, _ = build_trainer(make_cfg("ppo.epochs=2"))
+    trainer.step(train_prompts[:8])
+    exp = trainer.last_experience
+    exp.returns = torch.full_like(exp.returns, math.nan)
+    critic = snapshot(trainer.critic)
+    actor_steps = [s["step"].clone() for s in trainer.actor_optimizer.state.values()]
+    stats = trainer.ppo_update(exp)
+    assert stats["optim/critic_skipped_steps"] == 4 and stats["optim/actor_skipped_steps"] == 0
+    assert all(torch.equal(critic[n], p) for n, p in trainer.critic.named_parameters())
+    assert [s["step"] for s in trainer.actor_optimizer.state.values()] == [n + 4 for n in actor_steps]
 
 
 def test_too_many_skips_in_a_row_stop_the_run(make_cfg):
@@ -51,7 +68,9 @@ def test_too_many_skips_in_a_row_stop_the_run(make_cfg):
     trainer.step(train_prompts[:8])
     exp = trainer.last_experience
     exp.advantages = torch.full_like(exp.advantages, math.inf)
-    with pytest.raises(FloatingPointError, match=r"3 optimizer steps in a row were skipped .*max_consecutive_skips=3"):
+    with pytest.raises(
+        FloatingPointError, match=r"\(actor\): 3 optimizer steps in a row were skipped .*max_consecutive_skips=3"
+    ):
         trainer.ppo_update(exp)
 
 

@@ -81,11 +81,12 @@ def test_first_minibatch_ratio_is_one_and_nothing_clips(make_cfg):
     mb = exp.select(torch.tensor([5, 1, 12, 3]))
     num_actions = mb.action_mask.shape[1]
     # Recompute the experience of the already-updated actor for a fresh check of the invariant.
-    from rlhf.experience import make_experience
+    from rlhf.experience import compute_logprobs, compute_values, make_experience
 
-    scores = exp.scores
+    samples = trainer.last_samples
+    logprobs, ref_logprobs = (compute_logprobs(model, samples, 1.0) for model in (trainer.actor, trainer.reference))
     exp = make_experience(
-        trainer.last_samples, scores, trainer.actor, trainer.reference, trainer.critic, 0.05, "k1", 1.0, 1.0, 0.95,
+        samples, exp.scores, logprobs, ref_logprobs, compute_values(trainer.critic, samples), 0.05, "k1", 1.0, 0.95,
         False, True,
     )  # fmt: skip
     mb = exp.select(torch.tensor([5, 1, 12, 3]))
