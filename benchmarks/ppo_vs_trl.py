@@ -1,8 +1,10 @@
 """Seconds per PPO iteration of ``rlhf`` and of TRL's PPOTrainer (trl==1.12.0) on one fixed workload.
 
     pip install -e ".[bench]"
-    python benchmarks/ppo_vs_trl.py                          # workload "tiny", 5 A/B repetitions
-    python benchmarks/ppo_vs_trl.py --repeats 3 --iterations 3 --threads 2
+    python benchmarks/ppo_vs_trl.py                          # workload "tiny", 5 A/B repetitions, 1 thread
+    python benchmarks/ppo_vs_trl.py --threads 2              # both on 2 threads (rlhf: parallel_models)
+    python benchmarks/ppo_vs_trl.py --workload small --threads 2 --repeats 2 --iterations 2
+    python benchmarks/ppo_vs_trl.py --workload small --threads 2 --scaling --repeats 1 --iterations 1
 
 Both systems load the same policy, reward model and tokenizer from one folder built here (nothing
 is downloaded) and train on the same chat-templated prompts. Each repetition runs each system in a
@@ -166,7 +168,7 @@ def matmul_peak_gflops(threads: int) -> float:
 
 def rlhf_overrides(threads: int) -> list[str]:
     """rlhf's settings for the machine: with two or more threads, actor and critic run side by side."""
-    return [f"hardware.num_threads={threads}", f"hardware.parallel_models={str(threads >= 2).lower()}"]
+    return [f"hardware.num_threads={threads}"] + (["hardware.parallel_models=true"] if threads >= 2 else [])
 
 
 def run_rlhf(
@@ -338,7 +340,9 @@ def scaling(root: Path, workload: Workload, args: argparse.Namespace, peak: floa
     print("| prompts / step | new tokens | s / iteration | generation | experience | update | update / matmul peak |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for cell in cells:
-        summary = summarise("rlhf", run_workers(["rlhf"], root, cell, args)["rlhf"], workload_flops(root, cell), peak)
+        runs = run_workers(["rlhf"], root, cell, args)["rlhf"]
+        peak = max(peak, matmul_peak_gflops(args.threads))
+        summary = summarise("rlhf", runs, workload_flops(root, cell), peak)
         print(
             json.dumps({"workload": args.workload, **asdict(cell), "threads": args.threads, **summary}),
             file=sys.stderr,
@@ -383,6 +387,7 @@ def main() -> None:
             return
         flops = workload_flops(root, workload)
         runs = run_workers(systems, root, workload, args)
+        peak = max(peak, matmul_peak_gflops(args.threads))  # before and after: other load only lowers it
         summaries = {s: summarise(s, runs[s], flops, peak) for s in systems}
     context = {"workload": args.workload, **asdict(workload), "threads": args.threads, "repeats": args.repeats}
     context["rlhf_overrides"] = rlhf_overrides(args.threads) + args.rlhf_override
