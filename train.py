@@ -4,13 +4,17 @@ Examples:
     python train.py                                  # the built-in tiny task, offline, on CPU
     python train.py kl.beta=0.05 gae.lam=0.9         # override any key
     python train.py -m kl.beta=0.01,0.1 gae.lam=0.9,0.95   # a Hydra multirun sweep
+    torchrun --standalone --nproc_per_node 2 train.py hardware=ddp_cpu hydra.run.dir=outputs/ddp
 """
+
+import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from rlhf.config import register_configs
-from rlhf.job import run_job
+from rlhf.job import launch_overrides, run_job
 
 register_configs()
 
@@ -22,4 +26,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    sys.argv += launch_overrides(sys.argv[1:], os.environ)  # under torchrun / accelerate launch
     main()

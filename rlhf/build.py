@@ -18,6 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from rlhf.config import DataConfig, validate
 from rlhf.data import fit_prompt_lengths, load_prompts
+from rlhf.distributed import Distributed
 from rlhf.job import check_command_line_targets
 from rlhf.kl import make_kl_controller
 from rlhf.models import (
@@ -83,11 +84,13 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
         torch.set_num_threads(cfg.hardware.num_threads)
     if cfg.hardware.parallel_models:
         limit_malloc_arenas(2)
-    device = torch.device(cfg.hardware.device)
+    dist = Distributed.launch(cfg.hardware.distributed, cfg.hardware.device)
+    device = dist.accelerator.device if dist.accelerator else torch.device(cfg.hardware.device)
 
     # 1. prompts, the actor's tokenizer, and whether prompts and responses fit the actor's context
     train_prompts, eval_prompts = load_prompts(cfg.data)
-    model_path, tokenizer_path = resolve_actor_paths(cfg)
+    with dist.main_first():  # rank 0 builds the tiny actor into the cache; the others then load it
+        model_path, tokenizer_path = resolve_actor_paths(cfg)
     # Seed here, after the one step whose use of randomness depends on the cache (building the tiny
     # actor or finding it built): from now on the run is a function of its config alone.
     shuffle_generator = seed_everything(cfg.seed)
@@ -121,6 +124,10 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
         if critic.backbone is not trunk_of(actor):
             critic.backbone.activation_checkpointing_enable()
 
+    if dist.world_size > 1:
+        # Every rank built the same models from the same seed; from here each samples its own rollouts.
+        torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
+
     # 3. optimizers and KL controller
     def trainable(*modules: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for module in modules for p in module.parameters() if p.requires_grad]
@@ -147,6 +154,7 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
         kl_controller,
         cfg,
         shuffle_generator,
+        dist,
     )
     return trainer, train_prompts, eval_prompts
 

@@ -188,6 +188,9 @@ class HardwareConfig:
     # CPU: actor and critic forward, backward and step at once on two threads (and the experience
     # forwards in two halves), each with half of num_threads. Needs a critic with its own trunk.
     parallel_models: bool = False
+    # "none" (one process) or "ddp": data-parallel processes launched by torchrun or accelerate launch
+    # (rollout.batch_size and ppo.minibatch_size are per process).
+    distributed: str = "none"
 
 
 @dataclass
@@ -462,6 +465,12 @@ def validate(cfg: Any) -> None:
     _one_of("hardware.autocast_dtype", hardware.autocast_dtype, DTYPE_NAMES)
     if hardware.num_threads is not None:
         _positive("hardware.num_threads", hardware.num_threads)
+    _one_of("hardware.distributed", hardware.distributed, ("none", "ddp"))
+    if hardware.distributed != "none":
+        _check(not hardware.parallel_models, "hardware.distributed", hardware.distributed,
+               "runs one model at a time per process: set hardware.parallel_models=false")
+        _check(not cfg.model.shared_critic, "hardware.distributed", hardware.distributed,
+               "needs a critic with its own trunk (model.shared_critic=false)")
     if hardware.parallel_models:
         _check(hardware.device == "cpu", "hardware.parallel_models", hardware.parallel_models,
                "runs two models side by side on a CPU's cores: needs hardware.device=cpu")

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,22 @@ def check_command_line_targets(allowed: list[str]) -> None:
                 f"{key.lstrip('+~')}={value!r} is not allowed: a _target_ given on the command line must start with "
                 f"one of {list(prefixes)} (add trusted modules to trainer.allowed_targets)"
             )
+
+
+def launch_overrides(argv: list[str], environ: Mapping[str, str]) -> list[str]:
+    """Overrides to add for one process of a multi-process launch (torchrun and accelerate launch set
+    ``WORLD_SIZE`` and ``RANK``): every rank must use the one run dir given on the command line,
+    and only rank 0 writes Hydra's files and log there."""
+    if int(environ.get("WORLD_SIZE", "1")) == 1:
+        return []
+    if not any(arg.startswith(("hydra.run.dir=", "trainer.output_dir=")) for arg in argv):
+        raise SystemExit(
+            "a launch of several processes needs one run dir for all of them: add hydra.run.dir=DIR "
+            "(otherwise each rank picks its own timestamped dir)"
+        )
+    if environ.get("RANK", "0") != "0":
+        return ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return []
 
 
 def write_status(run_dir: Path, status: str, **fields: Any) -> None:

@@ -218,6 +218,7 @@ def action_logits(
 
 
 def _takes_logits_to_keep(model: nn.Module) -> bool:
+    model = getattr(model, "module", model)  # through DistributedDataParallel
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through a peft wrapper
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 

@@ -11,6 +11,7 @@ import math
 import time
 from pathlib import Path
 
+import torch
 import yaml
 from omegaconf import DictConfig
 from tqdm import tqdm
@@ -29,16 +30,22 @@ from rlhf.data import PromptSampler
 from rlhf.health import HealthMonitor
 from rlhf.job import group_of, run_dir_of, run_name_of, write_status
 from rlhf.signals import RunInterrupted, StopSignals
-from rlhf.tracking import Tracker
+from rlhf.tracking import NullTracker, Tracker
 from rlhf.trainer import PPOTrainer, token_debug_rows
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(trainer: PPOTrainer, prompts: list[str]) -> dict[str, float]:
-    """Mean reward on held-out prompts, sampled (as trained) and greedy."""
-    sampled = trainer.score(trainer.generate(prompts, do_sample=True), evaluation=True)
-    greedy = trainer.score(trainer.generate(prompts, do_sample=False), evaluation=True)
+    """Mean reward on held-out prompts, sampled (as trained) and greedy; with several ranks each
+    scores its share of the prompts."""
+    dist, prompts = trainer.dist, trainer.dist.shard(prompts)
+    sampled, greedy = (
+        torch.tensor(
+            dist.gather_objects(trainer.score(trainer.generate(prompts, do_sample=do), evaluation=True).tolist())
+        )
+        for do in (True, False)
+    )
     # Non-finite scores (kept only with reward.on_nonfinite=mask) stay out of the means.
     return {"eval/score": sampled[sampled.isfinite()].mean().item(),
             "eval/score_greedy": greedy[greedy.isfinite()].mean().item()}  # fmt: skip
@@ -52,16 +59,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir = run_dir_of(cfg)
     resume_from = find_resume_checkpoint(cfg, run_dir)
     trainer, train_prompts, eval_prompts = build_trainer(cfg)
-    sampler = PromptSampler(train_prompts, cfg.rollout.batch_size, cfg.seed)
+    dist = trainer.dist
+    if dist.world_size > 1 and resume_from is not None:
+        raise ValueError(
+            f"{resume_from}: resuming a run of several processes is not supported yet (each rank's sampling "
+            "state would be rank 0's); start a new run dir, or resume with one process"
+        )
+    # Every rank draws the same global batch of rollout.batch_size prompts per rank, and samples its share.
+    sampler = PromptSampler(train_prompts, cfg.rollout.batch_size * dist.world_size, cfg.seed)
     health = HealthMonitor()
     run_id, last_step = None, None
     if resume_from is not None:
         run_id, last_step = restore_run(resume_from, cfg, trainer, sampler, health)
     wandb_cfg = cfg.logging.wandb
-    tracker = Tracker(
-        run_dir, loggable_config(cfg), wandb_cfg.mode, wandb_cfg.project, wandb_cfg.entity,
-        group_of(cfg), run_name_of(cfg), list(wandb_cfg.tags), run_id, last_step,
-    )  # fmt: skip
+    if dist.is_main:  # rank 0 alone writes the run dir: metrics, W&B, checkpoints
+        tracker = Tracker(
+            run_dir, loggable_config(cfg), wandb_cfg.mode, wandb_cfg.project, wandb_cfg.entity,
+            group_of(cfg), run_name_of(cfg), list(wandb_cfg.tags), run_id, last_step,
+        )  # fmt: skip
+    else:
+        tracker = NullTracker()
     exit_code, preempted = 1, False
     # From here on a stop signal is handled: the loop stops after its step; later, the run finishes.
     with StopSignals() as stop:
@@ -70,18 +87,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
             summary = summarize(
                 history[0], history[1:], time.perf_counter() - started, cfg.trainer.objective_kl_weight
             )
-            if cfg.trainer.save_model:
+            if cfg.trainer.save_model and dist.is_main:
                 # save_pretrained of a peft model writes the adapters only.
                 trainer.actor.save_pretrained(run_dir / "model")
                 trainer.tokenizer.save_pretrained(run_dir / "model")
             tracker.summary(summary)
-            write_status(run_dir, "completed", summary=summary)
-            print_summary(summary, run_dir)
+            if dist.is_main:
+                write_status(run_dir, "completed", summary=summary, world_size=dist.world_size)
+                print_summary(summary, run_dir)
             exit_code = 0
             return summary
         except RunInterrupted as stopped:
             exit_code, preempted = stopped.exit_code, True
-            write_status(run_dir, "interrupted", step=stopped.step, checkpoint=str(stopped.checkpoint))
+            if dist.is_main:
+                write_status(run_dir, "interrupted", step=stopped.step, checkpoint=str(stopped.checkpoint))
             raise
         except BaseException:
             checkpoints = complete_checkpoints(run_dir / "checkpoints")
@@ -125,19 +144,23 @@ def ppo_loop(
             metrics.update(evaluate(trainer, eval_prompts))
         # 7. log, then checkpoint; a second stop signal waits for both. One reading of the stop flag
         # decides both the save and the stop: a signal after it stops the run after the next step.
-        stopping = stop.requested
+        # Every rank stops after the same step, with the signal that any of them received.
+        stop_signal = trainer.dist.max(stop.signum or 0)
+        stopping = stop_signal > 0
         with stop.protected():
             log_step(tracker, trainer, metrics, step, cfg.logging)
             history.append(metrics)
             if final_state or stopping or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
                 state = final_state or run_state(step, trainer, sampler, health, tracker.run.id, steps)
                 config_yaml = yaml.safe_dump(loggable_config(cfg), sort_keys=False)
-                checkpoint = save_checkpoint(
-                    run_dir / "checkpoints", step, models, state, config_yaml, cfg.trainer.keep_last
-                )
+                checkpoint = run_dir / "checkpoints" / f"step-{step:08d}"
+                if trainer.dist.is_main:
+                    checkpoint = save_checkpoint(
+                        run_dir / "checkpoints", step, models, state, config_yaml, cfg.trainer.keep_last
+                    )
         bar.set_postfix(reward=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         if stopping and step < steps:
-            raise RunInterrupted(stop.signum, step, checkpoint)
+            raise RunInterrupted(stop_signal, step, checkpoint)
     return history
 
 

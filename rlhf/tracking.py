@@ -122,3 +122,25 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break
     return rows
+
+
+class NullTracker:
+    """What ranks other than 0 log to: nothing (rank 0's ``Tracker`` owns the run dir)."""
+
+    class run:  # noqa: N801 - mirrors ``Tracker.run.id``
+        id = None
+
+    def history(self) -> list[dict[str, Any]]:
+        return []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_table(self, name: str, step: int, rows: list[dict[str, Any]]) -> None:
+        pass
+
+    def summary(self, values: dict[str, float]) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0, preempted: bool = False) -> None:
+        pass

@@ -13,6 +13,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from rlhf.distributed import Distributed
 from rlhf.experience import Experience, compute_logprobs, compute_values, make_experience
 from rlhf.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from rlhf.masked import masked_mean, masked_var
@@ -45,6 +46,7 @@ class PPOTrainer:
         kl_controller,
         cfg,
         shuffle_generator: torch.Generator,
+        dist: Distributed | None = None,
     ):
         self.actor, self.reference, self.critic, self.reward = actor, reference, critic, reward
         self.reward_normalizer = reward_normalizer  # training rewards only; evaluation stays raw
@@ -55,6 +57,9 @@ class PPOTrainer:
         self.cfg = cfg
         self.generator = shuffle_generator  # mini-batch shuffling only
         self.steps_done = 0
+        self.dist = dist or Distributed()
+        # The modules the update's forwards go through: DistributedDataParallel with several ranks.
+        self.train_actor, self.train_critic = self.dist.wrap(actor), self.dist.wrap(critic)
         # per optimizer: steps skipped in a row for a non-finite loss or gradient
         self.consecutive_skips = {name: 0 for name in self.optimizers()}
         self.pool = model_threads(cfg.hardware.num_threads) if cfg.hardware.parallel_models else None
@@ -124,13 +129,15 @@ class PPOTrainer:
             )
 
     def step(self, prompts: list[str]) -> dict[str, float]:
-        """One PPO iteration on a batch of prompts; returns the step's metrics."""
+        """One PPO iteration on a batch of prompts (the global batch: with several ranks, each
+        samples its own share); returns the step's metrics."""
         cfg = self.cfg
         t0 = time.perf_counter()
         # 1. rollout: sample responses with the actor
         with self.autocast():
-            samples = self.generate(prompts)
+            samples = self.generate(self.dist.shard(prompts))
         t1 = time.perf_counter()
+        generated = samples.response_length.sum().item()
         # 2. score and experience forwards (no gradients): the reward on the decoded text, the critic's
         # values, the actor's and the reference's log-probs; two halves, at once with hardware.parallel_models
         self.actor.eval()
@@ -138,6 +145,10 @@ class PPOTrainer:
         (raw_scores, values), (logprobs, ref_logprobs) = self.in_parallel(
             lambda: self.score_and_values(samples), lambda: self.policy_logprobs(samples)
         )
+        if self.dist.world_size > 1:  # every rank goes on with the global batch
+            samples, raw_scores, logprobs, ref_logprobs, values = self.gather_rollout(
+                samples, raw_scores, logprobs, ref_logprobs, values
+            )
         # samples with a non-finite score (reward.on_nonfinite=mask) lose their actions: advantage 0,
         # out of every statistic
         finite = torch.isfinite(raw_scores)
@@ -173,9 +184,31 @@ class PPOTrainer:
         metrics["time/experience"] = t2 - t1
         metrics["time/update"] = t3 - t2
         metrics["time/step"] = t3 - t0
-        metrics["time/tokens_per_s"] = samples.response_length.sum().item() / max(t1 - t0, 1e-9)
+        metrics["time/tokens_per_s"] = generated / max(t1 - t0, 1e-9)  # this rank's
         self.last_samples, self.last_experience = samples, exp
         return metrics
+
+    def gather_rollout(self, samples: Samples, *per_sample: torch.Tensor) -> tuple:
+        """Every rank's samples and per-sample tensors ((B,) scores, (B, A) log-probs and values),
+        concatenated in rank order: prompts left-padded and responses right-padded to the longest."""
+        gather, pad_id = self.dist.gather, self.tokenizer.pad_token_id
+        num_actions = samples.num_actions
+        sequences = torch.cat([
+            gather(samples.sequences[:, :-num_actions], pad_value=pad_id, pad_first=True),
+            gather(samples.sequences[:, -num_actions:], pad_value=pad_id),
+        ], dim=1)  # fmt: skip
+        attention_mask = torch.cat([
+            gather(samples.attention_mask[:, :-num_actions], pad_first=True),
+            gather(samples.attention_mask[:, -num_actions:]),
+        ], dim=1)  # fmt: skip
+        action_mask = gather(samples.action_mask)
+        gathered = Samples(
+            sequences=sequences, attention_mask=attention_mask, action_mask=action_mask,
+            num_actions=action_mask.shape[1], response_length=gather(samples.response_length),
+            total_length=gather(samples.total_length), truncated=gather(samples.truncated),
+            prompts=self.dist.gather_objects(samples.prompts), responses=self.dist.gather_objects(samples.responses),
+        )  # fmt: skip
+        return (gathered, *(gather(tensor) for tensor in per_sample))
 
     def ppo_update(self, exp: Experience) -> dict[str, float]:
         """``ppo.epochs`` passes of shuffled mini-batches; returns the stats averaged over them.
@@ -187,11 +220,10 @@ class PPOTrainer:
         trains in one loop with one backward of the sum; its own parameters are the value head.
         """
         ppo = self.cfg.ppo
-        batch_size = exp.sequences.shape[0]
+        batch_size = exp.sequences.shape[0]  # the global batch: every rank holds all of it
+        size = ppo.minibatch_size * self.dist.world_size  # ppo.minibatch_size is per rank
         orders = [torch.randperm(batch_size, generator=self.generator) for _ in range(ppo.epochs)]
-        minibatches = [
-            order[i : i + ppo.minibatch_size] for order in orders for i in range(0, batch_size, ppo.minibatch_size)
-        ]
+        minibatches = [order[i : i + size] for order in orders for i in range(0, batch_size, size)]
         self.actor.train()
         self.critic.train()
         self.cancelled.clear()
@@ -217,7 +249,7 @@ class PPOTrainer:
             )
             stats = {**actor, **critic, "loss": actor["loss"] + critic["loss"]}
         stats["loss/total"] = stats.pop("loss")
-        return stats
+        return self.dist.mean(stats)
 
     def train_minibatches(
         self,
@@ -235,18 +267,27 @@ class PPOTrainer:
         ppo, optimizer = self.cfg.ppo, self.optimizers()[name]
         sums: dict[str, float] = defaultdict(float)
         totals = {f"optim/{name}_skipped_steps": 0.0}  # reported as they are, not averaged
+        world = self.dist.world_size
         for i, index in enumerate(minibatches):
             if self.cancelled.is_set():
                 break
-            mb = exp.select(index.to(exp.sequences.device)).trim_padding()
+            rows = self.dist.shard(index)  # this rank's rows of the global mini-batch
+            mb = exp.select(rows.to(exp.sequences.device)).trim_padding()
             optimizer.zero_grad(set_to_none=True)
             stats = objective(mb)
-            stats["loss"].backward()
+            # Each rank's loss and statistics are means over its own action tokens, and DDP (then
+            # ``Distributed.mean``) average over the ranks: weighting by the rank's share of the tokens
+            # makes those averages the means over all of the mini-batch's tokens, as in one process.
+            weight = world * int(mb.action_mask.sum()) / max(int(exp.action_mask[index].sum()), 1)
+            (stats["loss"] * weight if world > 1 else stats["loss"]).backward()
             stats.update({
                 f"optim/{group}_grad_norm": nn.utils.clip_grad_norm_(params, ppo.max_grad_norm)
                 for group, params in clip.items()
             })  # fmt: skip
-            if all(torch.isfinite(stats[key]) for key in ("loss", *(f"optim/{group}_grad_norm" for group in clip))):
+            finite = all(
+                torch.isfinite(stats[key]) for key in ("loss", *(f"optim/{group}_grad_norm" for group in clip))
+            )
+            if self.dist.all(finite):  # one decision for every rank
                 optimizer.step()
                 self.consecutive_skips[name] = 0
             else:
@@ -264,7 +305,8 @@ class PPOTrainer:
                 # The first mini-batch sees the weights that produced old_logprobs: ratio must be 1.
                 totals["policy/ratio_dev_first"] = ratio_max_dev.item()
             for key, value in stats.items():
-                sums[key] += float(value.detach())
+                # grad norms are the same on every rank (the gradients are all-reduced): not weighted
+                sums[key] += float(value.detach()) * (1.0 if key.startswith("optim/") or world == 1 else weight)
         return {**{key: value / len(minibatches) for key, value in sums.items()}, **totals}
 
     def policy_objective(self, mb: Experience) -> dict[str, torch.Tensor]:
@@ -273,7 +315,7 @@ class PPOTrainer:
         ppo, num_actions = self.cfg.ppo, mb.action_mask.shape[1]
         with self.autocast():
             logits = action_logits(
-                self.actor, mb.sequences, mb.attention_mask, num_actions, self.cfg.rollout.temperature
+                self.train_actor, mb.sequences, mb.attention_mask, num_actions, self.cfg.rollout.temperature
             )  # (b, A, V), float32
         logprobs = logprobs_from_logits(logits, mb.sequences[:, -num_actions:])
         entropy = masked_mean(entropy_from_logits(logits), mb.action_mask)
@@ -288,7 +330,7 @@ class PPOTrainer:
         """The critic's forward on a mini-batch: its loss term (vf_coef times the clipped value loss)."""
         ppo, num_actions = self.cfg.ppo, mb.action_mask.shape[1]
         with self.autocast():
-            values = action_values(self.critic, mb.sequences, mb.attention_mask, num_actions)
+            values = action_values(self.train_critic, mb.sequences, mb.attention_mask, num_actions)
         vf_loss, stats = value_loss(values, mb.old_values, mb.returns, mb.action_mask, ppo.value_clip_eps)
         return {"loss": ppo.vf_coef * vf_loss, "loss/value": vf_loss, "val/clipfrac": stats["clipfrac"]}
 

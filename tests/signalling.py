@@ -12,6 +12,8 @@ import torch
 # from 1 in this process). Unset: a plain AdamW. An environment variable, not a config key, so that
 # the interrupted run and the uninterrupted one have the same config.
 ENV = "RLHF_TEST_SIGNALS"
+# With several processes: only the process of this rank signals itself (unset: every process).
+RANK_ENV = "RLHF_TEST_SIGNALS_RANK"
 
 
 class SignallingAdamW(torch.optim.AdamW):
@@ -19,7 +21,9 @@ class SignallingAdamW(torch.optim.AdamW):
         super().__init__(*args, **kwargs)
         self.calls = 0
         self.plan = {}
-        for item in filter(None, os.environ.get(ENV, "").split(",")):
+        only = os.environ.get(RANK_ENV)
+        plan = os.environ.get(ENV, "") if only in (None, os.environ.get("RANK", "0")) else ""
+        for item in filter(None, plan.split(",")):
             at, name = item.split(":")
             self.plan.setdefault(int(at), []).append(getattr(signal, name))
 

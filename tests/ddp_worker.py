@@ -1,0 +1,91 @@
+"""One PPO iteration on fixed samples, run under ``torchrun`` (N ranks) or plain ``python`` (one
+process); each rank saves its actor and critic weights to ``OUT/rank<r>.pt``.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py OUT CACHE 4 2
+    python tests/ddp_worker.py OUT CACHE 8 4
+
+Arguments: output dir, tiny-actor cache, rollout.batch_size and ppo.minibatch_size (both per rank).
+Every rank (and the single process) samples the same global rollout under one fixed seed before
+training, and each trains on its share of it: the runs differ only in how the work is split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rlhf.build import build_trainer  # noqa: E402
+from rlhf.data import PromptSampler  # noqa: E402
+from tests.conftest import compose  # noqa: E402
+
+
+def rows(samples, start: int, end: int):
+    """Rows start..end of a rollout (tensors and text) as this rank would have sampled them: prompts
+    left-padded to their own longest, responses as long as their own longest, so that the ranks'
+    shapes differ and gathering must pad them again."""
+    fields = [f.name for f in dataclasses.fields(samples) if f.name != "num_actions"]
+    part = dataclasses.replace(samples, **{name: getattr(samples, name)[start:end] for name in fields})
+    prompt_mask = part.attention_mask[:, : -part.num_actions]
+    first = int(prompt_mask.any(dim=0).int().argmax())  # the first prompt column with a real token
+    actions = int(part.action_mask.sum(dim=1).max())  # the longest response of these rows
+    last = part.sequences.shape[1] - part.num_actions + actions
+    return dataclasses.replace(
+        part, sequences=part.sequences[:, first:last], attention_mask=part.attention_mask[:, first:last],
+        action_mask=part.action_mask[:, :actions], num_actions=actions,
+    )  # fmt: skip
+
+
+def padded(samples, left: int, right: int, pad_id: int):
+    """The same rollout with ``left`` more prompt padding columns and ``right`` more response columns
+    that are padding (as a longer response elsewhere in the batch would have left them)."""
+    rows_ = samples.sequences.shape[0]
+    sequences = torch.cat([
+        torch.full((rows_, left), pad_id), samples.sequences, torch.full((rows_, right), pad_id)
+    ], dim=1)  # fmt: skip
+    mask = samples.attention_mask
+    attention_mask = torch.cat([mask.new_zeros(rows_, left), mask, mask.new_zeros(rows_, right)], dim=1)
+    action_mask = torch.cat([samples.action_mask, samples.action_mask.new_zeros(rows_, right)], dim=1)
+    return dataclasses.replace(
+        samples, sequences=sequences, attention_mask=attention_mask, action_mask=action_mask,
+        num_actions=samples.num_actions + right,
+    )  # fmt: skip
+
+
+def main() -> None:
+    out, cache, batch, minibatch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    hardware = "ddp_cpu" if world > 1 else "cpu"
+    cfg = compose([
+        f"hardware={hardware}", f"rollout.batch_size={batch}", f"ppo.minibatch_size={minibatch}", "ppo.epochs=2",
+        "trainer.steps=1", "logging.wandb.mode=disabled", "logging.progress_bar=false", f"model.cache_dir={cache}",
+        f"trainer.output_dir={out / 'run'}", "kl.beta=0.1",
+    ])  # fmt: skip
+    trainer, train_prompts, _ = build_trainer(cfg)
+    dist = trainer.dist
+    assert dist.world_size == world, (dist.world_size, world)
+    prompts = PromptSampler(train_prompts, batch * world, cfg.seed).next_batch()
+    torch.manual_seed(1234)  # the same global rollout on every rank, and in the single process
+    fixed = trainer.generate(prompts)
+    share = len(prompts) // world
+    mine = rows(fixed, dist.rank * share, (dist.rank + 1) * share)
+    if world > 1:  # make sure the ranks' shapes differ: rank 0 longer responses, rank 1 longer prompts
+        mine = padded(mine, left=dist.rank, right=1 - dist.rank, pad_id=trainer.tokenizer.pad_token_id)
+    trainer.generate = lambda _prompts, do_sample=True: mine
+    shapes = dist.gather_objects([(tuple(mine.sequences.shape), mine.num_actions)])
+    initial = {name: weight.clone() for name, weight in trainer.actor.state_dict().items()}
+    metrics = trainer.step(prompts)
+    torch.save(
+        {"actor": trainer.actor.state_dict(), "critic": trainer.critic.state_dict(), "metrics": metrics,
+         "world_size": dist.world_size, "initial": initial, "shapes": shapes},
+        out / f"rank{dist.rank}.pt",
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

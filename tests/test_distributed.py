@@ -1,0 +1,97 @@
+"""Several processes (hardware=ddp_cpu, gloo) on the 2-core machine: torchrun runs the real
+``train.py``, rank 0 alone writes the run dir, the ranks' weights stay identical, and one PPO
+iteration of 2 processes x batch b equals that of 1 process x batch 2b."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO, wandb_inspect
+from tests.signalling import ENV, RANK_ENV
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def run(command: list[str], expect: int = 0, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, **kwargs)
+    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_rank_zero_owns_the_run_dir(tiny_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    run([*TORCHRUN, "train.py", "hardware=ddp_cpu", "trainer.steps=2", "rollout.batch_size=8",
+         "ppo.minibatch_size=4", "data.num_eval=8", "logging.wandb.mode=offline", "logging.progress_bar=false",
+         "logging.num_samples=32",
+         f"model.cache_dir={tiny_cache}", f"hydra.run.dir={run_dir}"])  # fmt: skip
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "completed" and status["world_size"] == 2
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 1, 2]
+    # Each step's experience is the global batch: 2 ranks x 8 prompts in the samples table of step 1.
+    assert sum(json.loads(line)["step"] == 1 for line in (run_dir / "samples.jsonl").read_text().splitlines()) == 16
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    (state,) = wandb_inspect(run_dir, "--summary")
+    assert state["state"] == "finished"
+    assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert (run_dir / "model" / "config.json").exists() and (run_dir / "checkpoints").exists()
+
+
+def test_a_launch_of_several_processes_needs_one_run_dir():
+    from rlhf.job import launch_overrides
+
+    with pytest.raises(SystemExit, match="hydra.run.dir=DIR"):
+        launch_overrides(["trainer.steps=2"], {"WORLD_SIZE": "2", "RANK": "0"})
+    assert launch_overrides(["hydra.run.dir=x"], {"WORLD_SIZE": "2", "RANK": "0"}) == []
+    assert "hydra.output_subdir=null" in launch_overrides(["hydra.run.dir=x"], {"WORLD_SIZE": "2", "RANK": "1"})
+    assert launch_overrides([], {}) == []
+
+
+@pytest.mark.slow
+def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(tiny_cache, tmp_path):
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir(), one.mkdir()
+    run([*TORCHRUN, "tests/ddp_worker.py", str(two), str(tiny_cache), "4", "2"])
+    run([sys.executable, "tests/ddp_worker.py", str(one), str(tiny_cache), "8", "4"])
+    rank0, rank1 = (torch.load(two / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    single = torch.load(one / "rank0.pt", weights_only=False)
+    assert rank0["world_size"] == 2 and single["world_size"] == 1
+    assert len(set(rank0["shapes"])) == 2, f"the ranks' rollouts should differ in shape: {rank0['shapes']}"
+    for model in ("actor", "critic"):
+        for name, weight in rank0[model].items():
+            assert torch.equal(weight, rank1[model][name]), f"{model}.{name} differs between the ranks"
+            torch.testing.assert_close(weight, single[model][name], rtol=1e-4, atol=1e-6, msg=f"{model}.{name}")
+    # The update moved the weights (the comparison is not between untouched copies).
+    assert sum(not torch.equal(single["initial"][n], w) for n, w in single["actor"].items()) > 10
+    # Experience metrics come from the gathered global batch; update metrics are token-weighted over ranks.
+    for key in ("objective/scores", "objective/kl", "adv/mean", "val/returns_mean", "rollout/response_length",
+                "loss/policy", "loss/value", "loss/total", "policy/clipfrac", "policy/entropy", "val/clipfrac",
+                "optim/actor_grad_norm", "optim/critic_grad_norm"):  # fmt: skip
+        assert rank0["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-4, abs=1e-6), key
+    assert single["metrics"]["rollout/eos_rate"] not in (0.0, 1.0)  # ragged responses: the weighting matters
+
+
+@pytest.mark.slow
+def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_cache, tmp_path):
+    # Rank 1 alone gets SIGTERM before its 9th actor optimizer step: inside step 5 (2 mini-batches
+    # per step). Rank 0 must stop after step 5 too, so rank 0 can write step 5's checkpoint.
+    run_dir = tmp_path / "run"
+    env = {**os.environ, ENV: "9:SIGTERM", RANK_ENV: "1"}
+    result = run([*TORCHRUN, "train.py", "hardware=ddp_cpu", "trainer.steps=20", "rollout.batch_size=8",
+                  "ppo.minibatch_size=4", "ppo.epochs=1", "data.num_eval=8", "logging.progress_bar=false",
+                  "optimizer.actor._target_=tests.signalling.SignallingAdamW",
+                  "trainer.allowed_targets=[tests.signalling.]", f"model.cache_dir={tiny_cache}",
+                  f"hydra.run.dir={run_dir}"], expect=1, env=env)  # fmt: skip
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["step"] == 5, status
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000005"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(6))
+    assert "exitcode  : 143" in result.stderr  # rank 1 exits with 128 + SIGTERM (torchrun then stops rank 0)
