@@ -60,11 +60,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resume_from = find_resume_checkpoint(cfg, run_dir)
     trainer, train_prompts, eval_prompts = build_trainer(cfg)
     dist = trainer.dist
-    if dist.world_size > 1 and resume_from is not None:
-        raise ValueError(
-            f"{resume_from}: resuming a run of several processes is not supported yet (each rank's sampling "
-            "state would be rank 0's); start a new run dir, or resume with one process"
-        )
     # Every rank draws the same global batch of rollout.batch_size prompts per rank, and samples its share.
     sampler = PromptSampler(train_prompts, cfg.rollout.batch_size * dist.world_size, cfg.seed)
     health = HealthMonitor()
@@ -77,8 +72,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             run_dir, loggable_config(cfg), wandb_cfg.mode, wandb_cfg.project, wandb_cfg.entity,
             group_of(cfg), run_name_of(cfg), list(wandb_cfg.tags), run_id, last_step,
         )  # fmt: skip
-    else:
-        tracker = NullTracker()
+    dist.barrier()  # rank 0 has cut metrics.jsonl back to the checkpoint's step: the others read it now
+    if not dist.is_main:
+        tracker = NullTracker(run_dir)
     exit_code, preempted = 1, False
     # From here on a stop signal is handled: the loop stops after its step; later, the run finishes.
     with StopSignals() as stop:
@@ -186,6 +182,7 @@ def run_state(
         "sampler": sampler.state_dict(),
         "health": health.state_dict(),
         "rng": capture_rng(),
+        "rng_by_rank": trainer.dist.gather_objects([capture_rng()]),  # each rank samples with its own
         "wandb_run_id": wandb_run_id,
     }
 
@@ -202,7 +199,12 @@ def restore_run(
         log.info("LR schedule re-planned over trainer.steps=%d (was %d)", cfg.trainer.steps, state["planned_steps"])
     sampler.load_state_dict(state["sampler"])
     health.load_state_dict(state["health"])
-    restore_rng(state["rng"])
+    rngs, world = state.get("rng_by_rank", [state["rng"]]), trainer.dist.world_size
+    if len(rngs) != world:
+        raise ValueError(
+            f"{path} was written by a run of {len(rngs)} process(es): resume it with as many (this one has {world})"
+        )
+    restore_rng(rngs[trainer.dist.rank])
     log.info("resuming from %s after step %d", path, state["step"])
     return state["wandb_run_id"], state["step"]
 

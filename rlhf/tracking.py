@@ -125,13 +125,17 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 class NullTracker:
-    """What ranks other than 0 log to: nothing (rank 0's ``Tracker`` owns the run dir)."""
+    """What ranks other than 0 log to: nothing (rank 0's ``Tracker`` owns the run dir). It reads the
+    history that rank 0's tracker keeps, so that every rank resumes at the same step."""
 
     class run:  # noqa: N801 - mirrors ``Tracker.run.id``
         id = None
 
+    def __init__(self, run_dir: Path):
+        self.metrics_path = run_dir / "metrics.jsonl"
+
     def history(self) -> list[dict[str, Any]]:
-        return []
+        return _read_rows(self.metrics_path) if self.metrics_path.exists() else []
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         pass

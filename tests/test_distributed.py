@@ -95,3 +95,31 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_cac
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(6))
     assert "exitcode  : 143" in result.stderr  # rank 1 exits with 128 + SIGTERM (torchrun then stops rank 0)
+
+
+@pytest.mark.slow
+def test_two_processes_resume_exactly_and_refuse_another_world_size(tiny_cache, tmp_path):
+    common = ["hardware=ddp_cpu", "rollout.batch_size=8", "ppo.minibatch_size=4", "ppo.epochs=2", "data.num_eval=8",
+              "logging.progress_bar=false", "trainer.eval_every=100", "optimizer.scheduler.end_factor=1.0",
+              f"model.cache_dir={tiny_cache}"]  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run([*TORCHRUN, "train.py", *common, "trainer.steps=4", f"hydra.run.dir={straight}"])
+    run([*TORCHRUN, "train.py", *common, "trainer.steps=2", f"hydra.run.dir={resumed}"])
+    run([*TORCHRUN, "train.py", *common, "trainer.steps=4", "trainer.resume=true", f"hydra.run.dir={resumed}"])
+
+    def rows(run_dir):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        # less wall-clock times, and the evaluation that ends the 2-step run (at step 2 only)
+        skip = ("time/", "eval/")
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith(skip)} for line in lines]
+
+    assert [row["step"] for row in rows(resumed)] == list(range(5))
+    assert rows(resumed) == rows(straight)  # each rank's sampling continued from its own RNG state
+    from safetensors.torch import load_file
+
+    a, b = (load_file(d / "model" / "model.safetensors") for d in (straight, resumed))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    # A checkpoint of 2 processes cannot continue with 1: its ranks' sampling states would not fit.
+    result = run([sys.executable, "train.py", *common, "trainer.steps=5", "trainer.resume=true",
+                  f"hydra.run.dir={resumed}"], expect=1)  # fmt: skip
+    assert "was written by a run of 2 process(es): resume it with as many (this one has 1)" in result.stderr
