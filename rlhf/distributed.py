@@ -97,13 +97,13 @@ class Distributed:
         """True on every rank when it is True on every rank: one decision for all."""
         return bool(self.sum(torch.tensor([int(not flag)])).item() == 0)
 
-    def max(self, value: int) -> int:
+    def max(self, value: float) -> float:
         """The largest of the ranks' values, on every rank."""
         if self.world_size == 1:
             return value
-        tensor = torch.tensor([value], device=self.accelerator.device)
+        tensor = torch.tensor([float(value)], dtype=torch.float64, device=self.accelerator.device)
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-        return int(tensor.item())
+        return tensor.item()
 
     def main_first(self) -> contextlib.AbstractContextManager:
         """Rank 0 runs the block first, the other ranks after it (a cache that rank 0 fills)."""

@@ -141,7 +141,7 @@ def ppo_loop(
         # 7. log, then checkpoint; a second stop signal waits for both. One reading of the stop flag
         # decides both the save and the stop: a signal after it stops the run after the next step.
         # Every rank stops after the same step, with the signal that any of them received.
-        stop_signal = trainer.dist.max(stop.signum or 0)
+        stop_signal = int(trainer.dist.max(stop.signum or 0))
         stopping = stop_signal > 0
         with stop.protected():
             log_step(tracker, trainer, metrics, step, cfg.logging)

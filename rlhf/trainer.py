@@ -108,6 +108,8 @@ class PPOTrainer:
             where = (
                 f"held-out evaluation after step {self.steps_done}" if evaluation else f"step {self.steps_done + 1}"
             )
+            if self.dist.world_size > 1:  # the sample indices are those of this rank's share
+                where += f" on rank {self.dist.rank}"
             check_finite(scores, where)
         penalty = self.cfg.reward.missing_eos_penalty
         if penalty is not None:
@@ -249,7 +251,11 @@ class PPOTrainer:
             )
             stats = {**actor, **critic, "loss": actor["loss"] + critic["loss"]}
         stats["loss/total"] = stats.pop("loss")
-        return self.dist.mean(stats)
+        ratio_dev_first = stats.get("policy/ratio_dev_first")
+        stats = self.dist.mean(stats)
+        if ratio_dev_first is not None:  # the largest deviation of any rank, not their mean
+            stats["policy/ratio_dev_first"] = self.dist.max(ratio_dev_first)
+        return stats
 
     def train_minibatches(
         self,

@@ -73,7 +73,7 @@ def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(tiny_cache, tmp_
     # Experience metrics come from the gathered global batch; update metrics are token-weighted over ranks.
     for key in ("objective/scores", "objective/kl", "adv/mean", "val/returns_mean", "rollout/response_length",
                 "loss/policy", "loss/value", "loss/total", "policy/clipfrac", "policy/entropy", "val/clipfrac",
-                "optim/actor_grad_norm", "optim/critic_grad_norm"):  # fmt: skip
+                "optim/actor_grad_norm", "optim/critic_grad_norm", "policy/ratio_dev_first"):  # fmt: skip
         assert rank0["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-4, abs=1e-6), key
     assert single["metrics"]["rollout/eos_rate"] not in (0.0, 1.0)  # ragged responses: the weighting matters
 
@@ -123,3 +123,14 @@ def test_two_processes_resume_exactly_and_refuse_another_world_size(tiny_cache, 
     result = run([sys.executable, "train.py", *common, "trainer.steps=5", "trainer.resume=true",
                   f"hydra.run.dir={resumed}"], expect=1)  # fmt: skip
     assert "was written by a run of 2 process(es): resume it with as many (this one has 1)" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_nan_reward_names_the_rank_and_stops_the_launch(tiny_cache, tmp_path):
+    result = run([*TORCHRUN, "train.py", "hardware=ddp_cpu", "reward.fn._target_=tests.stand_ins.nan_reward",
+                  "trainer.allowed_targets=[tests.stand_ins.]", "trainer.steps=2", "rollout.batch_size=8",
+                  "ppo.minibatch_size=4", "data.num_eval=8", "logging.progress_bar=false",
+                  f"model.cache_dir={tiny_cache}", f"hydra.run.dir={tmp_path / 'run'}"], expect=1)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert "held-out evaluation after step 0 on rank 0: the reward is not finite for sample(s) [1]" in output
+    assert not (tmp_path / "run" / "checkpoints").exists()
