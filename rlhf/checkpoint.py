@@ -67,6 +67,11 @@ def _remove(path: Path) -> None:
     shutil.rmtree(trash)
 
 
+def checkpoint_path(root: Path, step: int) -> Path:
+    """Where checkpoint ``step`` lives under ``root``."""
+    return root / f"step-{step:08d}"
+
+
 def save_checkpoint(
     root: Path, step: int, models: dict[str, nn.Module], state: dict[str, Any], config_yaml: str, keep_last: int
 ) -> Path:
@@ -76,10 +81,10 @@ def save_checkpoint(
     not written again: the state is the same.
     """
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
+    final = checkpoint_path(root, step)
     if (final / MANIFEST).exists():
         return final
-    staging = root / f".staging-step-{step:08d}"
+    staging = root / f".staging-{final.name}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     files = {}

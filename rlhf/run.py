@@ -19,6 +19,7 @@ from tqdm import tqdm
 from rlhf.build import build_trainer, make_schedulers
 from rlhf.checkpoint import (
     capture_rng,
+    checkpoint_path,
     complete_checkpoints,
     find_resume_checkpoint,
     load_checkpoint,
@@ -149,7 +150,7 @@ def ppo_loop(
             if final_state or stopping or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
                 state = final_state or run_state(step, trainer, sampler, health, tracker.run.id, steps)
                 config_yaml = yaml.safe_dump(loggable_config(cfg), sort_keys=False)
-                checkpoint = run_dir / "checkpoints" / f"step-{step:08d}"
+                checkpoint = checkpoint_path(run_dir / "checkpoints", step)
                 if trainer.dist.is_main:
                     checkpoint = save_checkpoint(
                         run_dir / "checkpoints", step, models, state, config_yaml, cfg.trainer.keep_last
@@ -181,8 +182,7 @@ def run_state(
         "trainer": trainer.state_dict(),
         "sampler": sampler.state_dict(),
         "health": health.state_dict(),
-        "rng": capture_rng(),
-        "rng_by_rank": trainer.dist.gather_objects([capture_rng()]),  # each rank samples with its own
+        "rng": trainer.dist.gather_objects([capture_rng()]),  # one per rank: each samples with its own
         "wandb_run_id": wandb_run_id,
     }
 
@@ -199,7 +199,7 @@ def restore_run(
         log.info("LR schedule re-planned over trainer.steps=%d (was %d)", cfg.trainer.steps, state["planned_steps"])
     sampler.load_state_dict(state["sampler"])
     health.load_state_dict(state["health"])
-    rngs, world = state.get("rng_by_rank", [state["rng"]]), trainer.dist.world_size
+    rngs, world = state["rng"], trainer.dist.world_size
     if len(rngs) != world:
         raise ValueError(
             f"{path} was written by a run of {len(rngs)} process(es): resume it with as many (this one has {world})"

@@ -193,19 +193,16 @@ class PPOTrainer:
     def gather_rollout(self, samples: Samples, *per_sample: torch.Tensor) -> tuple:
         """Every rank's samples and per-sample tensors ((B,) scores, (B, A) log-probs and values),
         concatenated in rank order: prompts left-padded and responses right-padded to the longest."""
-        gather, pad_id = self.dist.gather, self.tokenizer.pad_token_id
-        num_actions = samples.num_actions
-        sequences = torch.cat([
-            gather(samples.sequences[:, :-num_actions], pad_value=pad_id, pad_first=True),
-            gather(samples.sequences[:, -num_actions:], pad_value=pad_id),
-        ], dim=1)  # fmt: skip
-        attention_mask = torch.cat([
-            gather(samples.attention_mask[:, :-num_actions], pad_first=True),
-            gather(samples.attention_mask[:, -num_actions:]),
-        ], dim=1)  # fmt: skip
+        gather, num_actions = self.dist.gather, samples.num_actions
+
+        def prompt_then_response(tensor: torch.Tensor, pad_value: int) -> torch.Tensor:
+            prompt = gather(tensor[:, :-num_actions], pad_value=pad_value, pad_first=True)
+            return torch.cat([prompt, gather(tensor[:, -num_actions:], pad_value=pad_value)], dim=1)
+
         action_mask = gather(samples.action_mask)
         gathered = Samples(
-            sequences=sequences, attention_mask=attention_mask, action_mask=action_mask,
+            sequences=prompt_then_response(samples.sequences, self.tokenizer.pad_token_id),
+            attention_mask=prompt_then_response(samples.attention_mask, 0), action_mask=action_mask,
             num_actions=action_mask.shape[1], response_length=gather(samples.response_length),
             total_length=gather(samples.total_length), truncated=gather(samples.truncated),
             prompts=self.dist.gather_objects(samples.prompts), responses=self.dist.gather_objects(samples.responses),
@@ -284,8 +281,10 @@ class PPOTrainer:
             # Each rank's loss and statistics are means over its own action tokens, and DDP (then
             # ``Distributed.mean``) average over the ranks: weighting by the rank's share of the tokens
             # makes those averages the means over all of the mini-batch's tokens, as in one process.
-            weight = world * int(mb.action_mask.sum()) / max(int(exp.action_mask[index].sum()), 1)
-            (stats["loss"] * weight if world > 1 else stats["loss"]).backward()
+            weight = (
+                1.0 if world == 1 else world * int(mb.action_mask.sum()) / max(int(exp.action_mask[index].sum()), 1)
+            )
+            (stats["loss"] * weight).backward()
             stats.update({
                 f"optim/{group}_grad_norm": nn.utils.clip_grad_norm_(params, ppo.max_grad_norm)
                 for group, params in clip.items()
@@ -312,7 +311,7 @@ class PPOTrainer:
                 totals["policy/ratio_dev_first"] = ratio_max_dev.item()
             for key, value in stats.items():
                 # grad norms are the same on every rank (the gradients are all-reduced): not weighted
-                sums[key] += float(value.detach()) * (1.0 if key.startswith("optim/") or world == 1 else weight)
+                sums[key] += float(value.detach()) * (1.0 if key.startswith("optim/") else weight)
         return {**{key: value / len(minibatches) for key, value in sums.items()}, **totals}
 
     def policy_objective(self, mb: Experience) -> dict[str, torch.Tensor]:

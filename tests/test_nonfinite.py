@@ -32,35 +32,30 @@ def test_masked_nonfinite_rewards_drop_their_samples(make_cfg):
     assert any(not torch.equal(before[n], p) for n, p in trainer.actor.named_parameters())
 
 
-def test_nonfinite_loss_skips_the_step_and_leaves_weights_bitwise(make_cfg):
+def optimizer_steps(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [state["step"].clone() for state in optimizer.state.values()]
+
+
+# A NaN in the advantages makes the policy loss non-finite, a NaN in the returns the value loss. The
+# other model's loss stays finite, and its separate optimizer still steps (at the learning rate of
+# the schedule's end, 0 in this one-step run).
+@pytest.mark.parametrize(
+    ("field", "skipped", "stepping"), [("advantages", "actor", "critic"), ("returns", "critic", "actor")]
+)
+def test_nonfinite_loss_skips_that_models_step_and_leaves_its_weights_bitwise(make_cfg, field, skipped, stepping):
     trainer, train_prompts, _ = build_trainer(make_cfg("ppo.epochs=2"))
     trainer.step(train_prompts[:8])
     exp = trainer.last_experience
-    exp.advantages = torch.full_like(exp.advantages, math.nan)
-    actor = snapshot(trainer.actor)
-    adam_steps = [s["step"].clone() for s in trainer.actor_optimizer.state.values()]
-    critic_steps = [s["step"].clone() for s in trainer.critic_optimizer.state.values()]
+    setattr(exp, field, torch.full_like(getattr(exp, field), math.nan))
+    models, optimizers = {"actor": trainer.actor, "critic": trainer.critic}, trainer.optimizers()
+    before = snapshot(models[skipped])
+    steps = {name: optimizer_steps(optimizer) for name, optimizer in optimizers.items()}
     stats = trainer.ppo_update(exp)
-    assert stats["optim/actor_skipped_steps"] == 4  # 2 epochs x 2 mini-batches of 4
-    assert all(torch.equal(actor[n], p) for n, p in trainer.actor.named_parameters())
-    assert [s["step"] for s in trainer.actor_optimizer.state.values()] == adam_steps
-    # The critic's loss (returns and values) is finite: its separate optimizer still steps (at the
-    # learning rate of the schedule's end, 0 in this one-step run).
-    assert stats["optim/critic_skipped_steps"] == 0
-    assert [s["step"] for s in trainer.critic_optimizer.state.values()] == [n + 4 for n in critic_steps]
-
-
-def test_a_nonfinite_value_loss_skips_the_critic_step_only(make_cfg):
-    trainer, train_prompts, _ = build_trainer(make_cfg("ppo.epochs=2"))
-    trainer.step(train_prompts[:8])
-    exp = trainer.last_experience
-    exp.returns = torch.full_like(exp.returns, math.nan)
-    critic = snapshot(trainer.critic)
-    actor_steps = [s["step"].clone() for s in trainer.actor_optimizer.state.values()]
-    stats = trainer.ppo_update(exp)
-    assert stats["optim/critic_skipped_steps"] == 4 and stats["optim/actor_skipped_steps"] == 0
-    assert all(torch.equal(critic[n], p) for n, p in trainer.critic.named_parameters())
-    assert [s["step"] for s in trainer.actor_optimizer.state.values()] == [n + 4 for n in actor_steps]
+    assert stats[f"optim/{skipped}_skipped_steps"] == 4  # 2 epochs x 2 mini-batches of 4
+    assert stats[f"optim/{stepping}_skipped_steps"] == 0
+    assert all(torch.equal(before[n], p) for n, p in models[skipped].named_parameters())
+    assert optimizer_steps(optimizers[skipped]) == steps[skipped]
+    assert optimizer_steps(optimizers[stepping]) == [n + 4 for n in steps[stepping]]
 
 
 def test_too_many_skips_in_a_row_stop_the_run(make_cfg):
