@@ -124,6 +124,9 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
         if critic.backbone is not trunk_of(actor):
             critic.backbone.activation_checkpointing_enable()
 
+    # With FSDP each rank keeps its shard of the trained models (before optimizers are built on them).
+    dist.shard_parameters(actor)
+    dist.shard_parameters(critic)
     if dist.world_size > 1:
         # Every rank built the same models from the same seed; from here each samples its own rollouts.
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import yaml
 from omegaconf import DictConfig
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rlhf.config import loggable_config
@@ -72,10 +72,41 @@ def checkpoint_path(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}"
 
 
+def tied_names(model: nn.Module) -> list[list[str]]:
+    """Groups of parameter names that are one parameter (a tied LM head and input embedding)."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def untied(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` (a state dict of ``model``) with each tied parameter stored once, under its first name."""
+    drop = {name for names in tied_names(model) for name in names[1:]}
+    return {name: tensor for name, tensor in weights.items() if name not in drop}
+
+
+def retied(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` stored by ``untied`` with every name of a tied parameter filled in again."""
+    weights = dict(weights)
+    for names in tied_names(model):
+        present = next((weights[name] for name in names if name in weights), None)
+        if present is not None:
+            weights.update({name: present for name in names})
+    return weights
+
+
 def save_checkpoint(
-    root: Path, step: int, models: dict[str, nn.Module], state: dict[str, Any], config_yaml: str, keep_last: int
+    root: Path,
+    step: int,
+    weights: dict[str, dict[str, torch.Tensor]],
+    state: dict[str, Any],
+    config_yaml: str,
+    keep_last: int,
 ) -> Path:
     """Write checkpoint ``step`` atomically, then delete all but the ``keep_last`` newest.
+
+    ``weights`` maps each model's name to its state dict, each tied parameter once (``untied``).
 
     A step that has a complete checkpoint already (a stop signal right after a scheduled save) is
     not written again: the state is the same.
@@ -88,9 +119,8 @@ def save_checkpoint(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     files = {}
-    for name, module in models.items():
-        # save_model handles tied weights (a tied LM head is stored once).
-        save_model(module, str(staging / f"{name}.safetensors"))
+    for name, tensors in weights.items():
+        save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, str(staging / f"{name}.safetensors"))
         files[name] = f"{name}.safetensors"
     torch.save(state, staging / "state.pt")
     (staging / "config.yaml").write_text(config_yaml)
@@ -117,11 +147,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: Path, models: dict[str, nn.Module]) -> dict[str, Any]:
-    """Load the models' weights in place and return the state (``weights_only`` unpickling)."""
-    for name, module in models.items():
-        load_model(module, str(path / f"{name}.safetensors"))
-    return torch.load(path / "state.pt", weights_only=True)
+def load_checkpoint(path: Path, names: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """(the weights of the models ``names``, on the CPU, the state (``weights_only`` unpickling))."""
+    weights = {name: load_file(str(path / f"{name}.safetensors")) for name in names}
+    return weights, torch.load(path / "state.pt", weights_only=True)
 
 
 def changed_keys(saved: dict, current: dict, allowed: tuple[str, ...], prefix: str = "") -> list[str]:

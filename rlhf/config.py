@@ -172,6 +172,10 @@ class OptimizerConfig:
     scheduler: Any = MISSING
 
 
+# hardware.distributed: one process, or several with the trained models replicated (DDP) or sharded (FSDP2)
+DISTRIBUTED_KINDS = ("none", "ddp", "fsdp")
+
+
 @dataclass
 class HardwareConfig:
     """Device and precision: read by ``rlhf.build`` (device, threads, checkpointing) and the trainer
@@ -188,8 +192,9 @@ class HardwareConfig:
     # CPU: actor and critic forward, backward and step at once on two threads (and the experience
     # forwards in two halves), each with half of num_threads. Needs a critic with its own trunk.
     parallel_models: bool = False
-    # "none" (one process) or "ddp": data-parallel processes launched by torchrun or accelerate launch
-    # (rollout.batch_size and ppo.minibatch_size are per process).
+    # "none" (one process), or data-parallel processes launched by torchrun or accelerate launch
+    # (rollout.batch_size and ppo.minibatch_size are per process): "ddp" (actor and critic replicated)
+    # or "fsdp" (actor and critic sharded over the processes with torch FSDP2).
     distributed: str = "none"
 
 
@@ -465,7 +470,7 @@ def validate(cfg: Any) -> None:
     _one_of("hardware.autocast_dtype", hardware.autocast_dtype, DTYPE_NAMES)
     if hardware.num_threads is not None:
         _positive("hardware.num_threads", hardware.num_threads)
-    _one_of("hardware.distributed", hardware.distributed, ("none", "ddp"))
+    _one_of("hardware.distributed", hardware.distributed, DISTRIBUTED_KINDS)
     if hardware.distributed != "none":
         _check(not hardware.parallel_models, "hardware.distributed", hardware.distributed,
                "runs one model at a time per process: set hardware.parallel_models=false")

@@ -1,9 +1,18 @@
 """The processes of a run: rank, world size, and the few collectives the loop needs.
 
-One process (``hardware.distributed=none``) is the same object with nothing to communicate. With
-``ddp`` the run is launched by ``torchrun`` or ``accelerate launch``; accelerate's ``Accelerator``
-joins the process group (gloo on CPU, NCCL on GPUs) and wraps the trained models in
-DistributedDataParallel, so their gradients are averaged over the ranks in the backward pass.
+One process (``hardware.distributed=none``) is the same object with nothing to communicate.
+Several processes are launched by ``torchrun`` or ``accelerate launch``; accelerate's
+``Accelerator`` joins the process group (gloo on CPU, NCCL on GPUs). Then the trained models are
+either
+
+- ``ddp``: replicated, and wrapped in DistributedDataParallel, which averages their gradients over
+  the ranks in the backward pass; or
+- ``fsdp``: sharded with torch's FSDP2 (``fully_shard``): each rank holds 1/N of the actor's and
+  the critic's parameters, gradients and optimizer state; a forward gathers each transformer block's
+  parameters in turn, and the backward averages the gradients over the ranks and leaves each rank
+  its shard. Every forward is then a collective: the ranks run the same number of them (generation
+  with ``synced_gpus``), and checkpoints gather the full weights on rank 0. The frozen reference and
+  reward models stay whole on every rank.
 
 Data parallelism here: each rank samples its own share of the rollout with its own seed and runs its
 own forwards; the rollouts are then gathered, so that every rank holds the global batch and computes
@@ -19,38 +28,99 @@ import contextlib
 import torch
 from torch import nn
 
+from rlhf.config import DISTRIBUTED_KINDS
+
 
 class Distributed:
     """Rank, world size and collectives; ``Distributed()`` is the single process."""
 
-    def __init__(self, accelerator=None):
+    def __init__(self, accelerator=None, sharded: bool = False):
         self.accelerator = accelerator
         self.rank = accelerator.process_index if accelerator else 0
         self.world_size = accelerator.num_processes if accelerator else 1
+        # The trained models' parameters are sharded over the ranks (FSDP).
+        self.sharded = sharded and self.world_size > 1
 
     @classmethod
     def launch(cls, kind: str, device: str) -> Distributed:
-        """The run's processes for ``hardware.distributed``: ``none`` or ``ddp`` (torchrun / accelerate launch)."""
+        """The run's processes for ``hardware.distributed``: launched by torchrun or accelerate launch
+        unless ``none``."""
+        if kind not in DISTRIBUTED_KINDS:
+            raise ValueError(f"hardware.distributed={kind!r}: expected one of {', '.join(DISTRIBUTED_KINDS)}")
         if kind == "none":
             return cls()
-        if kind != "ddp":
-            raise ValueError(f"hardware.distributed={kind!r}: expected none or ddp")
         from accelerate import Accelerator
 
         # cpu=True is what makes accelerate use gloo on CPU processes; without it, launched CPU ranks
         # would each run alone (seen with accelerate 1.15).
-        return cls(Accelerator(cpu=device == "cpu"))
+        return cls(Accelerator(cpu=device == "cpu"), sharded=kind == "fsdp")
 
     @property
     def is_main(self) -> bool:
         """Rank 0 owns the run dir: metrics, W&B, checkpoints and the saved model."""
         return self.rank == 0
 
+    def shard_parameters(self, model: nn.Module) -> None:
+        """With FSDP, shard ``model`` in place (before its optimizer is built on its parameters): each
+        transformer block (the classes its ``_no_split_modules`` name) is one unit gathered at a
+        time, and the remaining parameters (embeddings, final norm, heads) are the root's unit."""
+        if not self.sharded:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        block_names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
+        blocks = [module for module in model.modules() if type(module).__name__ in block_names]
+        if not blocks:
+            raise ValueError(
+                f"hardware.distributed=fsdp: {type(model).__name__} names no transformer block class "
+                "(_no_split_modules) to shard by"
+            )
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(model)
+
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The module that training forwards go through: DistributedDataParallel with several ranks."""
-        if self.world_size == 1:
+        """The module that training forwards go through: DistributedDataParallel with ``ddp``, the
+        (sharded) model itself otherwise."""
+        if self.world_size == 1 or self.sharded:
             return model
         return self.accelerator.prepare_model(model)
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The model's full weights on rank 0 (a collective with FSDP, whose other ranks get ``{}``)."""
+        if not self.sharded:
+            return model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_state_dict(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        """Load full weights (every rank passes all of them; with FSDP each keeps its shard)."""
+        if not self.sharded:
+            model.load_state_dict(weights)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+
+    def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer's state on rank 0, whole (with FSDP: keyed by parameter name; other ranks get ``{}``)."""
+        if not self.sharded:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(model, optimizer, options=options)
+
+    def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Load a state from ``optimizer_state_dict`` (every rank passes all of it)."""
+        if not self.sharded:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(model, optimizer, state, options=options)
 
     def shard(self, items):
         """This rank's contiguous share of a global list or tensor (even when the length does not
@@ -112,3 +182,11 @@ class Distributed:
     def barrier(self) -> None:
         if self.world_size > 1:
             self.accelerator.wait_for_everyone()
+
+
+def replicated(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: the value of a DTensor that is the same on every rank (e.g. the gradient norm
+    of sharded parameters), or ``tensor`` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

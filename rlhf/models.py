@@ -161,7 +161,8 @@ class Critic(nn.Module):
         hidden = self.backbone(
             input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask)
         ).last_hidden_state  # (B, T, H)
-        return self.value_head(hidden).squeeze(-1).to(torch.float32)
+        # A new tensor rather than a view of the head's output: FSDP2 cannot track in-place changes to views.
+        return self.value_head(hidden).squeeze(-1).to(torch.float32, copy=True)
 
 
 def build_critic(

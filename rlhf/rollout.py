@@ -73,8 +73,12 @@ def generate(
     temperature: float,
     max_prompt_length: int,
     do_sample: bool = True,
+    synced: bool = False,
 ) -> Samples:
-    """Sample one response per prompt from the actor's exact distribution (no top-k / top-p)."""
+    """Sample one response per prompt from the actor's exact distribution (no top-k / top-p).
+
+    ``synced``: the actor is sharded over the ranks (FSDP), so each of its forwards is a collective;
+    every rank keeps stepping until all have finished their responses."""
     encoded = encode_prompts(tokenizer, prompts, max_prompt_length).to(actor.device)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -88,7 +92,8 @@ def generate(
     )
     was_training = actor.training
     actor.eval()
-    output = actor.generate(**encoded, generation_config=config)  # (B, P + A') with A' <= max_new_tokens
+    # (B, P + A') with A' <= max_new_tokens
+    output = actor.generate(**encoded, generation_config=config, synced_gpus=synced)
     actor.train(was_training)
     num_prompt = encoded["input_ids"].shape[1]
     responses = output[:, num_prompt:]  # (B, A)

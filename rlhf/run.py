@@ -24,7 +24,9 @@ from rlhf.checkpoint import (
     find_resume_checkpoint,
     load_checkpoint,
     restore_rng,
+    retied,
     save_checkpoint,
+    untied,
 )
 from rlhf.config import loggable_config, validate
 from rlhf.data import PromptSampler
@@ -84,10 +86,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             summary = summarize(
                 history[0], history[1:], time.perf_counter() - started, cfg.trainer.objective_kl_weight
             )
-            if cfg.trainer.save_model and dist.is_main:
-                # save_pretrained of a peft model writes the adapters only.
-                trainer.actor.save_pretrained(run_dir / "model")
-                trainer.tokenizer.save_pretrained(run_dir / "model")
+            if cfg.trainer.save_model:
+                save_model(trainer, run_dir / "model")
             tracker.summary(summary)
             if dist.is_main:
                 write_status(run_dir, "completed", summary=summary, world_size=dist.world_size)
@@ -126,7 +126,6 @@ def ppo_loop(
         history.append(evaluate(trainer, eval_prompts))
         tracker.log(history[0], step=0)
     steps = cfg.trainer.steps
-    models = {"actor": trainer.actor, "critic": trainer.critic}
     bar = tqdm(range(len(history), steps + 1), desc="ppo", disable=not cfg.logging.progress_bar)
     for step in bar:
         # 1-5. rollout, score, experience, PPO epochs, KL controller (PPOTrainer.step)
@@ -151,9 +150,10 @@ def ppo_loop(
                 state = final_state or run_state(step, trainer, sampler, health, tracker.run.id, steps)
                 config_yaml = yaml.safe_dump(loggable_config(cfg), sort_keys=False)
                 checkpoint = checkpoint_path(run_dir / "checkpoints", step)
+                weights = model_weights(trainer)  # gathered on rank 0 from every rank's shard with FSDP
                 if trainer.dist.is_main:
                     checkpoint = save_checkpoint(
-                        run_dir / "checkpoints", step, models, state, config_yaml, cfg.trainer.keep_last
+                        run_dir / "checkpoints", step, weights, state, config_yaml, cfg.trainer.keep_last
                     )
         bar.set_postfix(reward=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         if stopping and step < steps:
@@ -170,6 +170,25 @@ def log_step(tracker: Tracker, trainer: PPOTrainer, metrics: dict[str, float], s
         rows = token_debug_rows(trainer.last_samples, trainer.last_experience, trainer.tokenizer,
                                 logging_cfg.debug_samples)  # fmt: skip
         tracker.log_table("token_debug", step, rows)
+
+
+def trained_models(trainer: PPOTrainer) -> dict[str, torch.nn.Module]:
+    return {"actor": trainer.actor, "critic": trainer.critic}
+
+
+def model_weights(trainer: PPOTrainer) -> dict[str, dict[str, torch.Tensor]]:
+    """The trained models' full weights on rank 0 (each tied parameter once), for a checkpoint."""
+    return {name: untied(model, trainer.dist.state_dict(model)) for name, model in trained_models(trainer).items()}
+
+
+def save_model(trainer: PPOTrainer, folder: Path) -> None:
+    """The trained actor and its tokenizer, as ``from_pretrained`` reads them (rank 0 writes; with
+    FSDP every rank takes part in gathering the weights). A LoRA actor writes its adapters only."""
+    dist = trainer.dist
+    weights = untied(trainer.actor, dist.state_dict(trainer.actor)) if dist.sharded else None
+    if dist.is_main:
+        trainer.actor.save_pretrained(folder, state_dict=weights)
+        trainer.tokenizer.save_pretrained(folder)
 
 
 def run_state(
@@ -191,7 +210,14 @@ def restore_run(
     path: Path, cfg: DictConfig, trainer: PPOTrainer, sampler: PromptSampler, health: HealthMonitor
 ) -> tuple[str, int]:
     """Load checkpoint ``path`` into the run's objects; returns (W&B run id, step of the checkpoint)."""
-    state = load_checkpoint(path, {"actor": trainer.actor, "critic": trainer.critic})
+    weights, state = load_checkpoint(path, list(trained_models(trainer)))
+    rngs, world = state["rng"], trainer.dist.world_size
+    if len(rngs) != world:
+        raise ValueError(
+            f"{path} was written by a run of {len(rngs)} process(es): resume it with as many (this one has {world})"
+        )
+    for name, model in trained_models(trainer).items():
+        trainer.dist.load_state_dict(model, retied(model, weights[name]))
     trainer.load_state_dict(state["trainer"])
     if state["planned_steps"] != cfg.trainer.steps:
         # trainer.steps was raised: the LR schedule continues as if the run had been planned this long.
@@ -199,11 +225,6 @@ def restore_run(
         log.info("LR schedule re-planned over trainer.steps=%d (was %d)", cfg.trainer.steps, state["planned_steps"])
     sampler.load_state_dict(state["sampler"])
     health.load_state_dict(state["health"])
-    rngs, world = state["rng"], trainer.dist.world_size
-    if len(rngs) != world:
-        raise ValueError(
-            f"{path} was written by a run of {len(rngs)} process(es): resume it with as many (this one has {world})"
-        )
     restore_rng(rngs[trainer.dist.rank])
     log.info("resuming from %s after step %d", path, state["step"])
     return state["wandb_run_id"], state["step"]

@@ -13,7 +13,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from rlhf.distributed import Distributed
+from rlhf.distributed import Distributed, replicated
 from rlhf.experience import Experience, compute_logprobs, compute_values, make_experience
 from rlhf.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from rlhf.masked import masked_mean, masked_var
@@ -94,7 +94,7 @@ class PPOTrainer:
         rollout = self.cfg.rollout
         return generate(
             self.actor, self.tokenizer, prompts, rollout.max_new_tokens, rollout.temperature,
-            self.cfg.data.max_prompt_length, do_sample=do_sample,
+            self.cfg.data.max_prompt_length, do_sample=do_sample, synced=self.dist.sharded,
         )  # fmt: skip
 
     def score(self, samples: Samples, evaluation: bool = False) -> torch.Tensor:
@@ -226,7 +226,9 @@ class PPOTrainer:
         self.actor.train()
         self.critic.train()
         self.cancelled.clear()
-        actor_params, critic_params = list(self.actor.parameters()), list(self.critic.parameters())
+        # The parameters the optimizers step, not the modules' current ones: FSDP puts gathered copies
+        # of the root's parameters on the module from its forward to the end of its backward.
+        actor_params = parameters_of(self.actor_optimizer)
         if self.critic_optimizer is None:
 
             def objective(mb: Experience) -> dict[str, torch.Tensor]:
@@ -234,16 +236,15 @@ class PPOTrainer:
                 return {**policy, **value, "loss": policy["loss"] + value["loss"]}
 
             head = list(self.critic.value_head.parameters())
-            stats = self.train_minibatches(
-                "actor", objective, {"actor": actor_params, "critic": head}, exp, minibatches
-            )
+            trunk = [p for p in actor_params if all(p is not h for h in head)]
+            stats = self.train_minibatches("actor", objective, {"actor": trunk, "critic": head}, exp, minibatches)
         else:
             actor, critic = self.in_parallel(
                 lambda: self.train_minibatches(
                     "actor", self.policy_objective, {"actor": actor_params}, exp, minibatches
                 ),
                 lambda: self.train_minibatches(
-                    "critic", self.value_objective, {"critic": critic_params}, exp, minibatches
+                    "critic", self.value_objective, {"critic": parameters_of(self.critic_optimizer)}, exp, minibatches
                 ),
             )
             stats = {**actor, **critic, "loss": actor["loss"] + critic["loss"]}
@@ -286,7 +287,7 @@ class PPOTrainer:
             )
             (stats["loss"] * weight).backward()
             stats.update({
-                f"optim/{group}_grad_norm": nn.utils.clip_grad_norm_(params, ppo.max_grad_norm)
+                f"optim/{group}_grad_norm": replicated(nn.utils.clip_grad_norm_(params, ppo.max_grad_norm))
                 for group, params in clip.items()
             })  # fmt: skip
             finite = all(
@@ -350,8 +351,11 @@ class PPOTrainer:
         return {
             "steps_done": self.steps_done,
             "consecutive_skips": self.consecutive_skips,
-            "actor_optimizer": self.actor_optimizer.state_dict(),
-            "critic_optimizer": self.critic_optimizer.state_dict() if self.critic_optimizer else None,
+            # with FSDP: gathered on rank 0 from every rank's shard (a collective)
+            "actor_optimizer": self.dist.optimizer_state_dict(self.actor, self.actor_optimizer),
+            "critic_optimizer": (
+                self.dist.optimizer_state_dict(self.critic, self.critic_optimizer) if self.critic_optimizer else None
+            ),
             "schedulers": [scheduler.state_dict() for scheduler in self.schedulers],
             "kl_coef": self.kl_controller.value,
             "reward_normalizer": self.reward_normalizer.state_dict(),
@@ -360,9 +364,9 @@ class PPOTrainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.steps_done, self.consecutive_skips = state["steps_done"], dict(state["consecutive_skips"])
-        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+        self.dist.load_optimizer_state_dict(self.actor, self.actor_optimizer, state["actor_optimizer"])
         if self.critic_optimizer is not None:
-            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+            self.dist.load_optimizer_state_dict(self.critic, self.critic_optimizer, state["critic_optimizer"])
         for scheduler, scheduler_state in zip(self.schedulers, state["schedulers"], strict=True):
             scheduler.load_state_dict(scheduler_state)
         self.kl_controller.value = state["kl_coef"]
@@ -431,3 +435,8 @@ def rollout_metrics(samples: Samples, exp: Experience, kl_coef: float) -> dict[s
         "rollout/response_length": samples.response_length.mean().item(),
         "rollout/eos_rate": 1.0 - samples.truncated.float().mean().item(),
     }
+
+
+def parameters_of(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    """The parameters ``optimizer`` steps."""
+    return [param for group in optimizer.param_groups for param in group["params"]]

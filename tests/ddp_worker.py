@@ -1,10 +1,12 @@
 """One PPO iteration on fixed samples, run under ``torchrun`` (N ranks) or plain ``python`` (one
 process); each rank saves its actor and critic weights to ``OUT/rank<r>.pt``.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py OUT CACHE 4 2
-    python tests/ddp_worker.py OUT CACHE 8 4
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py OUT CACHE 4 2 ddp_cpu
+    python tests/ddp_worker.py OUT CACHE 8 4 cpu
 
-Arguments: output dir, tiny-actor cache, rollout.batch_size and ppo.minibatch_size (both per rank).
+Arguments: output dir, tiny-actor cache, rollout.batch_size and ppo.minibatch_size (both per rank),
+the hardware preset (ddp_cpu or fsdp_cpu with several ranks). The saved weights are the full ones:
+gathered on rank 0 with FSDP, whose other ranks save none.
 Every rank (and the single process) samples the same global rollout under one fixed seed before
 training, and each trains on its share of it: the runs differ only in how the work is split.
 """
@@ -17,11 +19,13 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlhf.build import build_trainer  # noqa: E402
 from rlhf.data import PromptSampler  # noqa: E402
+from rlhf.trainer import parameters_of  # noqa: E402
 from tests.conftest import compose  # noqa: E402
 
 
@@ -58,9 +62,9 @@ def padded(samples, left: int, right: int, pad_id: int):
 
 
 def main() -> None:
-    out, cache, batch, minibatch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    out, cache, batch, minibatch, hardware = sys.argv[1:6]
+    out, batch, minibatch = Path(out), int(batch), int(minibatch)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    hardware = "ddp_cpu" if world > 1 else "cpu"
     cfg = compose([
         f"hardware={hardware}", f"rollout.batch_size={batch}", f"ppo.minibatch_size={minibatch}", "ppo.epochs=2",
         "trainer.steps=1", "logging.wandb.mode=disabled", "logging.progress_bar=false", f"model.cache_dir={cache}",
@@ -78,11 +82,14 @@ def main() -> None:
         mine = padded(mine, left=dist.rank, right=1 - dist.rank, pad_id=trainer.tokenizer.pad_token_id)
     trainer.generate = lambda _prompts, do_sample=True: mine
     shapes = dist.gather_objects([(tuple(mine.sequences.shape), mine.num_actions)])
-    initial = {name: weight.clone() for name, weight in trainer.actor.state_dict().items()}
+    initial = {name: weight.clone() for name, weight in dist.state_dict(trainer.actor).items()}
     metrics = trainer.step(prompts)
+    # the parameters this rank holds and steps: all of them, or its shard (a DTensor's local part)
+    params = parameters_of(trainer.actor_optimizer)
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
     torch.save(
-        {"actor": trainer.actor.state_dict(), "critic": trainer.critic.state_dict(), "metrics": metrics,
-         "world_size": dist.world_size, "initial": initial, "shapes": shapes},
+        {"actor": dist.state_dict(trainer.actor), "critic": dist.state_dict(trainer.critic), "metrics": metrics,
+         "world_size": dist.world_size, "initial": initial, "shapes": shapes, "local_actor_params": local},
         out / f"rank{dist.rank}.pt",
     )  # fmt: skip
 

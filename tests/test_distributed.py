@@ -1,6 +1,6 @@
-"""Several processes (hardware=ddp_cpu, gloo) on the 2-core machine: torchrun runs the real
-``train.py``, rank 0 alone writes the run dir, the ranks' weights stay identical, and one PPO
-iteration of 2 processes x batch b equals that of 1 process x batch 2b."""
+"""Several processes (hardware=ddp_cpu or fsdp_cpu, gloo) on the 2-core machine: torchrun runs the
+real ``train.py``, rank 0 alone writes the run dir, the ranks' weights stay identical, and one PPO
+iteration of 2 processes x batch b equals that of 1 process x batch 2b, replicated or sharded."""
 
 from __future__ import annotations
 
@@ -55,18 +55,29 @@ def test_a_launch_of_several_processes_needs_one_run_dir():
 
 
 @pytest.mark.slow
-def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(tiny_cache, tmp_path):
+@pytest.mark.parametrize("hardware", ["ddp_cpu", "fsdp_cpu"])
+def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(tiny_cache, tmp_path, hardware):
     two, one = tmp_path / "two", tmp_path / "one"
     two.mkdir(), one.mkdir()
-    run([*TORCHRUN, "tests/ddp_worker.py", str(two), str(tiny_cache), "4", "2"])
-    run([sys.executable, "tests/ddp_worker.py", str(one), str(tiny_cache), "8", "4"])
+    run([*TORCHRUN, "tests/ddp_worker.py", str(two), str(tiny_cache), "4", "2", hardware])
+    run([sys.executable, "tests/ddp_worker.py", str(one), str(tiny_cache), "8", "4", "cpu"])
     rank0, rank1 = (torch.load(two / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     single = torch.load(one / "rank0.pt", weights_only=False)
     assert rank0["world_size"] == 2 and single["world_size"] == 1
     assert len(set(rank0["shapes"])) == 2, f"the ranks' rollouts should differ in shape: {rank0['shapes']}"
+    full = single["local_actor_params"]
+    if hardware == "fsdp_cpu":  # each rank holds and steps about half of the actor
+        assert rank0["local_actor_params"] + rank1["local_actor_params"] == full
+        assert max(rank0["local_actor_params"], rank1["local_actor_params"]) < 0.55 * full
+    else:
+        assert rank0["local_actor_params"] == rank1["local_actor_params"] == full
     for model in ("actor", "critic"):
+        assert set(rank0[model]) == set(single[model])
+        if hardware == "fsdp_cpu":  # rank 0 gathered the full weights from the shards; rank 1 holds none
+            assert rank1[model] == {}
         for name, weight in rank0[model].items():
-            assert torch.equal(weight, rank1[model][name]), f"{model}.{name} differs between the ranks"
+            if hardware == "ddp_cpu":
+                assert torch.equal(weight, rank1[model][name]), f"{model}.{name} differs between the ranks"
             torch.testing.assert_close(weight, single[model][name], rtol=1e-4, atol=1e-6, msg=f"{model}.{name}")
     # The update moved the weights (the comparison is not between untouched copies).
     assert sum(not torch.equal(single["initial"][n], w) for n, w in single["actor"].items()) > 10
@@ -98,10 +109,13 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_cac
 
 
 @pytest.mark.slow
-def test_two_processes_resume_exactly_and_refuse_another_world_size(tiny_cache, tmp_path):
-    common = ["hardware=ddp_cpu", "rollout.batch_size=8", "ppo.minibatch_size=4", "ppo.epochs=2", "data.num_eval=8",
-              "logging.progress_bar=false", "trainer.eval_every=100", "optimizer.scheduler.end_factor=1.0",
-              f"model.cache_dir={tiny_cache}"]  # fmt: skip
+@pytest.mark.parametrize("hardware", ["ddp_cpu", "fsdp_cpu"])
+def test_two_processes_resume_exactly_and_refuse_another_world_size(tiny_cache, tmp_path, hardware):
+    # With FSDP the checkpoint holds weights and optimizer state gathered from both ranks' shards,
+    # and resuming shards them again.
+    common = [f"hardware={hardware}", "rollout.batch_size=8", "ppo.minibatch_size=4", "ppo.epochs=2",
+              "data.num_eval=8", "logging.progress_bar=false", "trainer.eval_every=100",
+              "optimizer.scheduler.end_factor=1.0", f"model.cache_dir={tiny_cache}"]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run([*TORCHRUN, "train.py", *common, "trainer.steps=4", f"hydra.run.dir={straight}"])
     run([*TORCHRUN, "train.py", *common, "trainer.steps=2", f"hydra.run.dir={resumed}"])
@@ -118,7 +132,13 @@ def test_two_processes_resume_exactly_and_refuse_another_world_size(tiny_cache, 
     from safetensors.torch import load_file
 
     a, b = (load_file(d / "model" / "model.safetensors") for d in (straight, resumed))
-    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert set(a) == set(b) and all(torch.equal(a[name], b[name]) for name in a)
+    actor = load_file(resumed / "checkpoints" / "step-00000004" / "actor.safetensors")
+    assert set(actor) == set(a) and all(torch.equal(a[name], actor[name]) for name in a)  # the final weights
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resumed / "model")  # a plain model, its LM head tied again
+    assert torch.equal(model.lm_head.weight, a["model.embed_tokens.weight"])
     # A checkpoint of 2 processes cannot continue with 1: its ranks' sampling states would not fit.
     result = run([sys.executable, "train.py", *common, "trainer.steps=5", "trainer.resume=true",
                   f"hydra.run.dir={resumed}"], expect=1)  # fmt: skip

@@ -145,7 +145,7 @@ def test_a_second_signal_while_writing_waits_for_the_write(tmp_path):
         assert stop.requested and stop.signum == signal.SIGTERM
         with stop.protected():
             os.kill(os.getpid(), signal.SIGTERM)
-            path = save_checkpoint(tmp_path, 1, {"m": model}, {"step": 1}, "a: 1\n", keep_last=1)
+            path = save_checkpoint(tmp_path, 1, {"m": model.state_dict()}, {"step": 1}, "a: 1\n", keep_last=1)
         with pytest.raises(KeyboardInterrupt, match="SIGTERM received twice"):
             os.kill(os.getpid(), signal.SIGTERM)
     assert complete_checkpoints(tmp_path) == [path]
@@ -162,14 +162,13 @@ SAVER = textwrap.dedent("""
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(step)
-        save_checkpoint(Path(sys.argv[1]), step, {"m": model}, {"step": step}, "a: 1", keep_last=1)
+        save_checkpoint(Path(sys.argv[1]), step, {"m": model.state_dict()}, {"step": step}, "a: 1", keep_last=1)
         print(step, flush=True)
 """)
 
 
 def test_a_kill_while_saving_leaves_a_complete_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
-    model = torch.nn.Linear(2500, 2500)
     for delay in (0.7, 1.3, 1.9):
         saver = subprocess.Popen([sys.executable, "-c", SAVER, str(root)], cwd=REPO, stdout=subprocess.PIPE)
         saver.stdout.readline()  # one checkpoint written: from here on the kill lands in later saves
@@ -177,9 +176,10 @@ def test_a_kill_while_saving_leaves_a_complete_checkpoint(tmp_path):
         saver.kill()
         saver.wait()
         latest = complete_checkpoints(root)[-1]
-        state = load_checkpoint(latest, {"m": model})
+        weights, state = load_checkpoint(latest, ["m"])
         assert f"step-{state['step']:08d}" == latest.name
-        assert all((p == state["step"]).all() for p in model.parameters()), latest
+        assert set(weights["m"]) == {"weight", "bias"}
+        assert all((w == state["step"]).all() for w in weights["m"].values()), latest
 
 
 class Died(BaseException):
@@ -199,9 +199,9 @@ def test_a_crash_at_any_operation_of_a_save_leaves_a_complete_checkpoint(tmp_pat
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(step)
-        return save_checkpoint(root, step, {"m": model}, {"step": step}, "a: 1", keep_last=2)
+        return save_checkpoint(root, step, {"m": model.state_dict()}, {"step": step}, "a: 1", keep_last=2)
 
-    operations = [(rlhf.checkpoint, "save_model"), (torch, "save"), (Path, "write_text"), (Path, "mkdir"),
+    operations = [(rlhf.checkpoint, "save_file"), (torch, "save"), (Path, "write_text"), (Path, "mkdir"),
                   (os, "fsync"), (Path, "rename"), (shutil, "rmtree")]  # fmt: skip
     calls = {"count": 0, "die_at": 0}
     for owner, name in operations:
@@ -230,9 +230,10 @@ def test_a_crash_at_any_operation_of_a_save_leaves_a_complete_checkpoint(tmp_pat
             break  # the save made fewer than die_at operations: every one of them has been tried
         assert complete_checkpoints(root)[-1].name in ("step-00000002", "step-00000003"), die_at
         for checkpoint in complete_checkpoints(root):  # every one listed as complete is whole
-            state = load_checkpoint(checkpoint, {"m": model})
+            weights, state = load_checkpoint(checkpoint, ["m"])
             assert checkpoint.name == f"step-{state['step']:08d}", die_at
-            assert all((p == state["step"]).all() for p in model.parameters()), die_at
+            assert set(weights["m"]) == {"weight", "bias"}
+            assert all((w == state["step"]).all() for w in weights["m"].values()), die_at
         calls.update(die_at=0)
         assert save(root, 4) == complete_checkpoints(root)[-1]
     assert die_at > 10  # the save was cut at each of its operations
@@ -285,7 +286,7 @@ def test_checkpoints_are_atomic_and_rotated(tmp_path):
     root = tmp_path / "checkpoints"
     model = torch.nn.Linear(2, 2)
     for step in (1, 2, 3):
-        save_checkpoint(root, step, {"m": model}, {"step": step}, "a: 1\n", keep_last=2)
+        save_checkpoint(root, step, {"m": model.state_dict()}, {"step": step}, "a: 1\n", keep_last=2)
     assert [p.name for p in complete_checkpoints(root)] == ["step-00000002", "step-00000003"]
     # A save that died before its manifest was written is not a checkpoint, and the last complete one stays.
     broken = root / ".staging-step-00000004"
@@ -297,3 +298,22 @@ def test_checkpoints_are_atomic_and_rotated(tmp_path):
     assert (
         manifest["step"] == 3 and manifest["versions"]["torch"] and set(manifest["files"]) == {"m", "state", "config"}
     )
+
+
+def test_a_tied_parameter_is_stored_once_and_loads_under_each_of_its_names(tmp_path):
+    from rlhf.checkpoint import retied, tied_names, untied
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5, bias=False)
+            self.head.weight = self.embed.weight
+
+    model, other = Tied(), Tied()
+    assert tied_names(model) == [["embed.weight", "head.weight"]]
+    weights = untied(model, model.state_dict())
+    assert list(weights) == ["embed.weight"]
+    save_checkpoint(tmp_path, 1, {"m": weights}, {"step": 1}, "a: 1\n", keep_last=1)
+    loaded, _ = load_checkpoint(tmp_path / "step-00000001", ["m"])
+    other.load_state_dict(retied(other, loaded["m"]))  # strict: every name is there
+    assert torch.equal(other.head.weight, model.embed.weight) and other.head.weight is other.embed.weight
