@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from rlhf.config import DataConfig, validate
 from rlhf.data import fit_prompt_lengths, load_prompts
-from rlhf.distributed import Distributed
+from rlhf.distributed import Distributed, deepspeed_config
 from rlhf.job import check_command_line_targets
 from rlhf.kl import make_kl_controller
 from rlhf.models import (
@@ -84,7 +84,14 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
         torch.set_num_threads(cfg.hardware.num_threads)
     if cfg.hardware.parallel_models:
         limit_malloc_arenas(2)
-    dist = Distributed.launch(cfg.hardware.distributed, cfg.hardware.device)
+    hardware = cfg.hardware
+    zero = None
+    if hardware.distributed == "deepspeed":
+        zero = deepspeed_config(
+            hardware.zero_stage, cfg.ppo.minibatch_size, cfg.ppo.max_grad_norm, cfg.model.dtype,
+            hardware.zero3_persistence_threshold,
+        )  # fmt: skip
+    dist = Distributed.launch(hardware.distributed, hardware.device, zero)
     device = dist.accelerator.device if dist.accelerator else torch.device(cfg.hardware.device)
 
     # 1. prompts, the actor's tokenizer, and whether prompts and responses fit the actor's context

@@ -103,17 +103,23 @@ def save_checkpoint(
     state: dict[str, Any],
     config_yaml: str,
     keep_last: int,
+    folders: dict[str, Path] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically, then delete all but the ``keep_last`` newest.
 
     ``weights`` maps each model's name to its state dict, each tied parameter once (``untied``).
+    ``folders`` (name: folder) are written already (DeepSpeed's engine checkpoints, by every rank)
+    and moved into the checkpoint under their names.
 
     A step that has a complete checkpoint already (a stop signal right after a scheduled save) is
     not written again: the state is the same.
     """
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(root, step)
+    folders = folders or {}
     if (final / MANIFEST).exists():
+        for folder in folders.values():
+            shutil.rmtree(folder)
         return final
     staging = root / f".staging-{final.name}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -124,12 +130,16 @@ def save_checkpoint(
         files[name] = f"{name}.safetensors"
     torch.save(state, staging / "state.pt")
     (staging / "config.yaml").write_text(config_yaml)
+    for name, folder in folders.items():
+        folder.rename(staging / name)
+        files[name] = f"{name}/"
     files.update(state="state.pt", config="config.yaml")
     manifest = {"step": step, "files": files, "versions": _versions(), "git_revision": _git_revision()}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    for path in staging.iterdir():
-        with path.open("rb") as f:
-            os.fsync(f.fileno())
+    for path in staging.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
     if final.exists():  # a step folder without a manifest is no checkpoint (ours appear by one rename)
         _remove(final)
     staging.rename(final)

@@ -172,8 +172,9 @@ class OptimizerConfig:
     scheduler: Any = MISSING
 
 
-# hardware.distributed: one process, or several with the trained models replicated (DDP) or sharded (FSDP2)
-DISTRIBUTED_KINDS = ("none", "ddp", "fsdp")
+# hardware.distributed: one process, or several with the trained models replicated (DDP) or sharded
+# (FSDP2, DeepSpeed ZeRO)
+DISTRIBUTED_KINDS = ("none", "ddp", "fsdp", "deepspeed")
 
 
 @dataclass
@@ -193,9 +194,15 @@ class HardwareConfig:
     # forwards in two halves), each with half of num_threads. Needs a critic with its own trunk.
     parallel_models: bool = False
     # "none" (one process), or data-parallel processes launched by torchrun or accelerate launch
-    # (rollout.batch_size and ppo.minibatch_size are per process): "ddp" (actor and critic replicated)
-    # or "fsdp" (actor and critic sharded over the processes with torch FSDP2).
+    # (rollout.batch_size and ppo.minibatch_size are per process): "ddp" (actor and critic replicated),
+    # "fsdp" (actor and critic sharded over the processes with torch FSDP2) or "deepspeed" (actor and
+    # critic in DeepSpeed ZeRO engines).
     distributed: str = "none"
+    # deepspeed: ZeRO stage, 2 (gradients and optimizer state sharded) or 3 (weights too).
+    zero_stage: int = 2
+    # deepspeed, ZeRO-3: tensors with fewer elements than this stay whole on every rank (DeepSpeed's
+    # stage3_param_persistence_threshold; 0 shards every one).
+    zero3_persistence_threshold: int = 100_000
 
 
 @dataclass
@@ -471,6 +478,8 @@ def validate(cfg: Any) -> None:
     if hardware.num_threads is not None:
         _positive("hardware.num_threads", hardware.num_threads)
     _one_of("hardware.distributed", hardware.distributed, DISTRIBUTED_KINDS)
+    _one_of("hardware.zero_stage", hardware.zero_stage, (2, 3))
+    _non_negative("hardware.zero3_persistence_threshold", hardware.zero3_persistence_threshold)
     if hardware.distributed != "none":
         _check(not hardware.parallel_models, "hardware.distributed", hardware.distributed,
                "runs one model at a time per process: set hardware.parallel_models=false")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from rlhf.tracking import NullTracker, Tracker
 from rlhf.trainer import PPOTrainer, token_debug_rows
 
 log = logging.getLogger(__name__)
+
+ENGINES = "deepspeed"  # a checkpoint's folder of DeepSpeed engine checkpoints
 
 
 def evaluate(trainer: PPOTrainer, prompts: list[str]) -> dict[str, float]:
@@ -150,11 +153,13 @@ def ppo_loop(
                 state = final_state or run_state(step, trainer, sampler, health, tracker.run.id, steps)
                 config_yaml = yaml.safe_dump(loggable_config(cfg), sort_keys=False)
                 checkpoint = checkpoint_path(run_dir / "checkpoints", step)
-                weights = model_weights(trainer)  # gathered on rank 0 from every rank's shard with FSDP
+                weights = model_weights(trainer)  # gathered on rank 0 from every rank's shard
+                engines = save_engines(trainer, run_dir / "checkpoints" / f".engines-{checkpoint.name}")
                 if trainer.dist.is_main:
                     checkpoint = save_checkpoint(
-                        run_dir / "checkpoints", step, weights, state, config_yaml, cfg.trainer.keep_last
-                    )
+                        run_dir / "checkpoints", step, weights, state, config_yaml, cfg.trainer.keep_last,
+                        folders=engines,
+                    )  # fmt: skip
         bar.set_postfix(reward=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         if stopping and step < steps:
             raise RunInterrupted(stop_signal, step, checkpoint)
@@ -174,6 +179,24 @@ def log_step(tracker: Tracker, trainer: PPOTrainer, metrics: dict[str, float], s
 
 def trained_models(trainer: PPOTrainer) -> dict[str, torch.nn.Module]:
     return {"actor": trainer.actor, "critic": trainer.critic}
+
+
+def trained_engines(trainer: PPOTrainer) -> dict[str, torch.nn.Module]:
+    return {"actor": trainer.train_actor, "critic": trainer.train_critic}
+
+
+def save_engines(trainer: PPOTrainer, folder: Path) -> dict[str, Path]:
+    """With DeepSpeed, every rank writes its engines' checkpoints (its shards of the optimizer state)
+    to ``folder``, which the checkpoint then takes in as its ``deepspeed/``; nothing otherwise."""
+    dist = trainer.dist
+    if dist.kind != "deepspeed":
+        return {}
+    if dist.is_main:
+        shutil.rmtree(folder, ignore_errors=True)  # left by a save that died
+    dist.barrier()
+    for name, engine in trained_engines(trainer).items():
+        dist.save_engine(engine, folder / name)
+    return {ENGINES: folder}
 
 
 def model_weights(trainer: PPOTrainer) -> dict[str, dict[str, torch.Tensor]]:
@@ -216,8 +239,16 @@ def restore_run(
         raise ValueError(
             f"{path} was written by a run of {len(rngs)} process(es): resume it with as many (this one has {world})"
         )
-    for name, model in trained_models(trainer).items():
-        trainer.dist.load_state_dict(model, retied(model, weights[name]))
+    if trainer.dist.kind == "deepspeed":  # weights and optimizer state: each rank its shard
+        if not (path / ENGINES).is_dir():
+            raise ValueError(
+                f"{path} was not written by DeepSpeed engines: resume it without hardware.distributed=deepspeed"
+            )
+        for name, engine in trained_engines(trainer).items():
+            trainer.dist.load_engine(engine, path / ENGINES / name)
+    else:
+        for name, model in trained_models(trainer).items():
+            trainer.dist.load_state_dict(model, retied(model, weights[name]))
     trainer.load_state_dict(state["trainer"])
     if state["planned_steps"] != cfg.trainer.steps:
         # trainer.steps was raised: the LR schedule continues as if the run had been planned this long.

@@ -13,7 +13,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from rlhf.distributed import Distributed, replicated
+from rlhf.distributed import Distributed
 from rlhf.experience import Experience, compute_logprobs, compute_values, make_experience
 from rlhf.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from rlhf.masked import masked_mean, masked_var
@@ -58,8 +58,10 @@ class PPOTrainer:
         self.generator = shuffle_generator  # mini-batch shuffling only
         self.steps_done = 0
         self.dist = dist or Distributed()
-        # The modules the update's forwards go through: DistributedDataParallel with several ranks.
-        self.train_actor, self.train_critic = self.dist.wrap(actor), self.dist.wrap(critic)
+        # The modules the update's forwards go through: with several ranks, DistributedDataParallel
+        # or DeepSpeed engines (the critic sharing the actor's trunk is one process only).
+        self.train_actor = self.dist.wrap(actor, actor_optimizer)
+        self.train_critic = self.dist.wrap(critic, critic_optimizer) if critic_optimizer else critic
         # per optimizer: steps skipped in a row for a non-finite loss or gradient
         self.consecutive_skips = {name: 0 for name in self.optimizers()}
         self.pool = model_threads(cfg.hardware.num_threads) if cfg.hardware.parallel_models else None
@@ -279,25 +281,21 @@ class PPOTrainer:
             mb = exp.select(rows.to(exp.sequences.device)).trim_padding()
             optimizer.zero_grad(set_to_none=True)
             stats = objective(mb)
-            # Each rank's loss and statistics are means over its own action tokens, and DDP (then
-            # ``Distributed.mean``) average over the ranks: weighting by the rank's share of the tokens
-            # makes those averages the means over all of the mini-batch's tokens, as in one process.
+            # Each rank's loss and statistics are means over its own action tokens, and the gradient
+            # reduction (then ``Distributed.mean``) averages over the ranks: weighting by the rank's
+            # share of the tokens makes those averages the means over all of the mini-batch's tokens,
+            # as in one process.
             weight = (
                 1.0 if world == 1 else world * int(mb.action_mask.sum()) / max(int(exp.action_mask[index].sum()), 1)
             )
-            (stats["loss"] * weight).backward()
-            stats.update({
-                f"optim/{group}_grad_norm": replicated(nn.utils.clip_grad_norm_(params, ppo.max_grad_norm))
-                for group, params in clip.items()
-            })  # fmt: skip
-            finite = all(
-                torch.isfinite(stats[key]) for key in ("loss", *(f"optim/{group}_grad_norm" for group in clip))
+            module = self.train_actor if name == "actor" else self.train_critic
+            norms, stepped = self.dist.backward_and_step(
+                module, optimizer, stats["loss"] * weight, clip, ppo.max_grad_norm
             )
-            if self.dist.all(finite):  # one decision for every rank
-                optimizer.step()
+            stats.update({f"optim/{group}_grad_norm": norm for group, norm in norms.items()})
+            if stepped:
                 self.consecutive_skips[name] = 0
             else:
-                optimizer.zero_grad(set_to_none=True)
                 self.consecutive_skips[name] += 1
                 totals[f"optim/{name}_skipped_steps"] += 1
                 if self.consecutive_skips[name] >= ppo.max_consecutive_skips:

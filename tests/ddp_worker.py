@@ -1,14 +1,16 @@
 """One PPO iteration on fixed samples, run under ``torchrun`` (N ranks) or plain ``python`` (one
 process); each rank saves its actor and critic weights to ``OUT/rank<r>.pt``.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py OUT CACHE 4 2 ddp_cpu
-    python tests/ddp_worker.py OUT CACHE 8 4 cpu
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py \
+        OUT CACHE 4 2 hardware=ddp_cpu
+    python tests/ddp_worker.py OUT CACHE 8 4 hardware=cpu
 
 Arguments: output dir, tiny-actor cache, rollout.batch_size and ppo.minibatch_size (both per rank),
-the hardware preset (ddp_cpu or fsdp_cpu with several ranks). The saved weights are the full ones:
-gathered on rank 0 with FSDP, whose other ranks save none.
-Every rank (and the single process) samples the same global rollout under one fixed seed before
-training, and each trains on its share of it: the runs differ only in how the work is split.
+then overrides: the hardware (ddp_cpu, fsdp_cpu or a deepspeed preset with several ranks) and any
+more. The saved weights are the full ones: gathered on rank 0 with sharded parameters, whose other
+ranks save none. Every rank (and the single process) samples the same global rollout under one
+fixed seed before training, and each trains on its share of it: the runs differ only in how the
+work is split.
 """
 
 from __future__ import annotations
@@ -61,14 +63,21 @@ def padded(samples, left: int, right: int, pad_id: int):
     )  # fmt: skip
 
 
+def local_numel(param: torch.Tensor) -> int:
+    """The elements of ``param`` this rank holds: a DTensor's local shard, ZeRO-3's partition (``ds_tensor``)."""
+    if isinstance(param, DTensor):
+        return param.to_local().numel()
+    return getattr(param, "ds_tensor", param).numel()
+
+
 def main() -> None:
-    out, cache, batch, minibatch, hardware = sys.argv[1:6]
+    out, cache, batch, minibatch, *overrides = sys.argv[1:]
     out, batch, minibatch = Path(out), int(batch), int(minibatch)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = compose([
-        f"hardware={hardware}", f"rollout.batch_size={batch}", f"ppo.minibatch_size={minibatch}", "ppo.epochs=2",
+        f"rollout.batch_size={batch}", f"ppo.minibatch_size={minibatch}", "ppo.epochs=2",
         "trainer.steps=1", "logging.wandb.mode=disabled", "logging.progress_bar=false", f"model.cache_dir={cache}",
-        f"trainer.output_dir={out / 'run'}", "kl.beta=0.1",
+        f"trainer.output_dir={out / 'run'}", "kl.beta=0.1", *overrides,
     ])  # fmt: skip
     trainer, train_prompts, _ = build_trainer(cfg)
     dist = trainer.dist
@@ -84,12 +93,15 @@ def main() -> None:
     shapes = dist.gather_objects([(tuple(mine.sequences.shape), mine.num_actions)])
     initial = {name: weight.clone() for name, weight in dist.state_dict(trainer.actor).items()}
     metrics = trainer.step(prompts)
-    # the parameters this rank holds and steps: all of them, or its shard (a DTensor's local part)
-    params = parameters_of(trainer.actor_optimizer)
-    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
+    # the parameters this rank steps: all of them, or its shard (a DTensor's local part; DeepSpeed's
+    # flat partitions, which replace the optimizer's own)
+    local = sum(map(local_numel, parameters_of(trainer.actor_optimizer)))
+    # the actor's weights this rank holds between forwards
+    held = sum(map(local_numel, trainer.actor.parameters()))
     torch.save(
         {"actor": dist.state_dict(trainer.actor), "critic": dist.state_dict(trainer.critic), "metrics": metrics,
-         "world_size": dist.world_size, "initial": initial, "shapes": shapes, "local_actor_params": local},
+         "world_size": dist.world_size, "initial": initial, "shapes": shapes, "local_actor_params": local,
+         "held_actor_params": held},
         out / f"rank{dist.rank}.pt",
     )  # fmt: skip
 
