@@ -112,6 +112,20 @@ def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(tiny_cache, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("hardware", list(LAUNCHES))
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tiny_cache, tmp_path, hardware):
+    run([*TORCHRUN, "tests/skip_worker.py", str(tmp_path), str(tiny_cache), *LAUNCHES[hardware]])
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert rank0["world_size"] == 2
+    for rank in (rank0, rank1):  # 2 epochs x 2 mini-batches: every actor step skipped, no critic step
+        assert rank["stats"]["optim/actor_skipped_steps"] == 4, rank["stats"]
+        assert rank["stats"]["optim/critic_skipped_steps"] == 0, rank["stats"]
+    before, after = rank0["before"], rank0["after"]
+    assert all(torch.equal(before["actor"][name], weight) for name, weight in after["actor"].items())
+    assert any(not torch.equal(before["critic"][name], weight) for name, weight in after["critic"].items())
+
+
+@pytest.mark.slow
 def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_cache, tmp_path):
     # Rank 1 alone gets SIGTERM before its 9th actor optimizer step: inside step 5 (2 mini-batches
     # per step). Rank 0 must stop after step 5 too, so rank 0 can write step 5's checkpoint.
