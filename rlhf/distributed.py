@@ -63,6 +63,18 @@ def deepspeed_config(
     }
 
 
+def fsdp_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of ``model``: the modules of the classes its models name in
+    ``_no_split_modules`` (transformers' Qwen2, Llama, ...), else the items of each ``ModuleList``
+    of one class (the layer stacks of models that name none, such as DeBERTa-v2)."""
+    names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
+    blocks = [module for module in model.modules() if type(module).__name__ in names]
+    if blocks:
+        return blocks
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len({type(x) for x in m}) == 1]
+    return [block for stack in stacks for block in stack]
+
+
 class Distributed:
     """Rank, world size and collectives; ``Distributed()`` is the single process."""
 
@@ -103,18 +115,16 @@ class Distributed:
 
     def shard_parameters(self, model: nn.Module) -> None:
         """With FSDP, shard ``model`` in place (before its optimizer is built on its parameters): each
-        transformer block (the classes its ``_no_split_modules`` name) is one unit gathered at a
-        time, and the remaining parameters (embeddings, final norm, heads) are the root's unit."""
+        transformer block (``fsdp_blocks``) is one unit gathered at a time, and the remaining
+        parameters (embeddings, final norm, heads) are the root's unit."""
         if self.kind != "fsdp":
             return
         from torch.distributed.fsdp import fully_shard
 
-        block_names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
-        blocks = [module for module in model.modules() if type(module).__name__ in block_names]
+        blocks = fsdp_blocks(model)
         if not blocks:
             raise ValueError(
-                f"hardware.distributed=fsdp: {type(model).__name__} names no transformer block class "
-                "(_no_split_modules) to shard by"
+                f"hardware.distributed=fsdp: found no transformer blocks to shard in {type(model).__name__}"
             )
         for block in blocks:
             fully_shard(block)

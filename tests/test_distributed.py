@@ -54,6 +54,22 @@ def test_a_launch_of_several_processes_needs_one_run_dir():
     assert launch_overrides([], {}) == []
 
 
+def test_fsdp_shards_each_transformer_block_of_the_actor_and_of_any_critic():
+    from transformers import DebertaV2Config, DebertaV2Model, Qwen2Config, Qwen2ForCausalLM
+
+    from rlhf.distributed import fsdp_blocks
+    from rlhf.models import Critic
+
+    qwen = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                        num_key_value_heads=1, intermediate_size=64, vocab_size=100))  # fmt: skip
+    assert fsdp_blocks(qwen) == list(qwen.model.layers)  # named by _no_split_modules
+    assert fsdp_blocks(Critic(qwen.model, 32)) == list(qwen.model.layers)
+    # DeBERTa-v2 (the seed's reward model, a possible critic trunk) names no block class: its layer stack
+    deberta = DebertaV2Model(DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=64, vocab_size=100))  # fmt: skip
+    assert fsdp_blocks(Critic(deberta, 32)) == list(deberta.encoder.layer)
+
+
 # DeepSpeed on CPU: the GPU presets with the CPU settings of ddp_cpu; every tensor of the tiny models
 # is below ZeRO-3's default persistence threshold, so 0 makes ZeRO-3 shard them all.
 DEEPSPEED_CPU = ["hardware.device=cpu", "hardware.autocast_dtype=float32", "hardware.num_threads=1",
