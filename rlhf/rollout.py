@@ -77,7 +77,7 @@ def generate(
 ) -> Samples:
     """Sample one response per prompt from the actor's exact distribution (no top-k / top-p).
 
-    ``synced``: the actor is sharded over the ranks (FSDP), so each of its forwards is a collective;
+    ``synced``: the actor is sharded over the ranks (FSDP, ZeRO-3), so each of its forwards is a collective;
     every rank keeps stepping until all have finished their responses."""
     encoded = encode_prompts(tokenizer, prompts, max_prompt_length).to(actor.device)
     config = GenerationConfig(

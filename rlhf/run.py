@@ -233,13 +233,14 @@ def restore_run(
     path: Path, cfg: DictConfig, trainer: PPOTrainer, sampler: PromptSampler, health: HealthMonitor
 ) -> tuple[str, int]:
     """Load checkpoint ``path`` into the run's objects; returns (W&B run id, step of the checkpoint)."""
-    weights, state = load_checkpoint(path, list(trained_models(trainer)))
+    deepspeed = trainer.dist.kind == "deepspeed"  # the engines' own checkpoints hold the weights
+    weights, state = load_checkpoint(path, [] if deepspeed else list(trained_models(trainer)))
     rngs, world = state["rng"], trainer.dist.world_size
     if len(rngs) != world:
         raise ValueError(
             f"{path} was written by a run of {len(rngs)} process(es): resume it with as many (this one has {world})"
         )
-    if trainer.dist.kind == "deepspeed":  # weights and optimizer state: each rank its shard
+    if deepspeed:  # weights and optimizer state: each rank its shard
         if not (path / ENGINES).is_dir():
             raise ValueError(
                 f"{path} was not written by DeepSpeed engines: resume it without hardware.distributed=deepspeed"

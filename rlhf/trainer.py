@@ -274,6 +274,7 @@ class PPOTrainer:
         sums: dict[str, float] = defaultdict(float)
         totals = {f"optim/{name}_skipped_steps": 0.0}  # reported as they are, not averaged
         world = self.dist.world_size
+        module = self.train_actor if name == "actor" else self.train_critic  # DDP, a DeepSpeed engine, or the model
         for i, index in enumerate(minibatches):
             if self.cancelled.is_set():
                 break
@@ -288,7 +289,6 @@ class PPOTrainer:
             weight = (
                 1.0 if world == 1 else world * int(mb.action_mask.sum()) / max(int(exp.action_mask[index].sum()), 1)
             )
-            module = self.train_actor if name == "actor" else self.train_critic
             norms, stepped = self.dist.backward_and_step(
                 module, optimizer, stats["loss"] * weight, clip, ppo.max_grad_norm
             )
