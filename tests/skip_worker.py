@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlhf.build import build_trainer  # noqa: E402
 from rlhf.data import PromptSampler  # noqa: E402
+from rlhf.run import trained_models  # noqa: E402
 from tests.conftest import compose  # noqa: E402
 
 
@@ -36,10 +37,10 @@ def main() -> None:
     exp = trainer.last_experience
     if dist.rank == 1:  # the policy loss of each of rank 1's mini-batches is NaN
         exp.advantages = torch.full_like(exp.advantages, math.nan)
-    before = {name: dist.state_dict(model) for name, model in (("actor", trainer.actor), ("critic", trainer.critic))}
-    before = {name: {k: v.clone() for k, v in weights.items()} for name, weights in before.items()}
+    models = trained_models(trainer)
+    before = {name: {k: v.clone() for k, v in dist.state_dict(model).items()} for name, model in models.items()}
     stats = trainer.ppo_update(exp)
-    after = {name: dist.state_dict(model) for name, model in (("actor", trainer.actor), ("critic", trainer.critic))}
+    after = {name: dist.state_dict(model) for name, model in models.items()}
     torch.save({"stats": stats, "before": before, "after": after, "world_size": dist.world_size},
                out / f"rank{dist.rank}.pt")  # fmt: skip
 
