@@ -19,7 +19,6 @@ from transformers.utils import logging as hf_logging
 from rlhf.config import DataConfig, validate
 from rlhf.data import fit_prompt_lengths, load_prompts
 from rlhf.distributed import Distributed, deepspeed_config
-from rlhf.job import check_command_line_targets
 from rlhf.kl import make_kl_controller
 from rlhf.models import (
     AdapterDisabledReference,
@@ -78,7 +77,6 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     """Validate the config, then build data, reward and models: (trainer, train prompts, held-out prompts)."""
     # 0. check the config, and everything else that is cheap to check, before any model is loaded
     validate(cfg)
-    check_command_line_targets(list(cfg.trainer.allowed_targets))
     hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
     if cfg.hardware.num_threads is not None:
         torch.set_num_threads(cfg.hardware.num_threads)

@@ -325,8 +325,6 @@ class TrainerConfig:
     resume: str = "auto"
     # Resume even when config keys other than trainer.steps changed since the checkpoint.
     allow_config_change: bool = False
-    # Module prefixes a command-line `_target_` may name besides rlhf.* and torch.optim.*.
-    allowed_targets: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -64,27 +64,6 @@ def group_of(cfg: DictConfig) -> str | None:
     return None
 
 
-# A `_target_` given on the command line may only name these (plus trainer.allowed_targets): a config
-# override must not be a way to call any function in the environment.
-PROJECT_TARGETS = ("rlhf.", "torch.optim.")
-
-
-def check_command_line_targets(allowed: list[str]) -> None:
-    """Refuse a command-line ``..._target_=`` outside the project's modules and the allow-list."""
-    if not HydraConfig.initialized():
-        return
-    prefixes = PROJECT_TARGETS + tuple(allowed)
-    for override in HydraConfig.get().overrides.task:
-        key, _, value = override.partition("=")
-        if key.lstrip("+~").endswith("_target_") and not value.startswith(prefixes):
-            from rlhf.config import ConfigError
-
-            raise ConfigError(
-                f"{key.lstrip('+~')}={value!r} is not allowed: a _target_ given on the command line must start with "
-                f"one of {list(prefixes)} (add trusted modules to trainer.allowed_targets)"
-            )
-
-
 def launch_overrides(argv: list[str], environ: Mapping[str, str]) -> list[str]:
     """Overrides to add for one process of a multi-process launch (torchrun and accelerate launch set
     ``WORLD_SIZE`` and ``RANK``): every rank must use the one run dir given on the command line,

@@ -150,7 +150,7 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_cac
     result = run([*TORCHRUN, "train.py", "hardware=ddp_cpu", "trainer.steps=20", "rollout.batch_size=8",
                   "ppo.minibatch_size=4", "ppo.epochs=1", "data.num_eval=8", "logging.progress_bar=false",
                   "optimizer.actor._target_=tests.signalling.SignallingAdamW",
-                  "trainer.allowed_targets=[tests.signalling.]", f"model.cache_dir={tiny_cache}",
+                  "--allow-target", "tests.signalling", f"model.cache_dir={tiny_cache}",
                   f"hydra.run.dir={run_dir}"], expect=1, env=env)  # fmt: skip
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "interrupted" and status["step"] == 5, status
@@ -201,7 +201,7 @@ def test_two_processes_resume_exactly_and_refuse_another_world_size(tiny_cache, 
 @pytest.mark.slow
 def test_a_nan_reward_names_the_rank_and_stops_the_launch(tiny_cache, tmp_path):
     result = run([*TORCHRUN, "train.py", "hardware=ddp_cpu", "reward.fn._target_=tests.stand_ins.nan_reward",
-                  "trainer.allowed_targets=[tests.stand_ins.]", "trainer.steps=2", "rollout.batch_size=8",
+                  "--allow-target", "tests.stand_ins", "trainer.steps=2", "rollout.batch_size=8",
                   "ppo.minibatch_size=4", "data.num_eval=8", "logging.progress_bar=false",
                   f"model.cache_dir={tiny_cache}", f"hydra.run.dir={tmp_path / 'run'}"], expect=1)  # fmt: skip
     output = result.stdout + result.stderr

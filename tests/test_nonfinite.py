@@ -72,7 +72,7 @@ def test_too_many_skips_in_a_row_stop_the_run(make_cfg):
 def test_a_nan_reward_stops_the_run_before_any_update_and_finishes_wandb_as_failed(tmp_path, tiny_cache):
     result = subprocess.run(
         [sys.executable, "train.py", "reward.fn._target_=tests.stand_ins.nan_reward",
-         "trainer.allowed_targets=[tests.stand_ins.]", "trainer.steps=3", "rollout.batch_size=8",
+         "--allow-target", "tests.stand_ins", "trainer.steps=3", "rollout.batch_size=8",
          "ppo.minibatch_size=4", "logging.wandb.mode=offline", "logging.progress_bar=false",
          f"hydra.run.dir={tmp_path}"],
         cwd=REPO, capture_output=True, text=True, timeout=300,

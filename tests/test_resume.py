@@ -76,7 +76,7 @@ def assert_same_run(straight: Path, resumed: Path, steps) -> None:
 # decaying learning rate stays on, so the resumed run must also continue the schedule exactly.
 SIGNALLED = [
     "trainer.steps=6", "ppo.epochs=2", "trainer.save_every=2", "optimizer.scheduler.end_factor=0.0",
-    "optimizer.actor._target_=tests.signalling.SignallingAdamW", "trainer.allowed_targets=[tests.signalling.]",
+    "optimizer.actor._target_=tests.signalling.SignallingAdamW", "--allow-target", "tests.signalling",
 ]  # fmt: skip
 
 

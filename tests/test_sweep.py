@@ -82,7 +82,7 @@ def test_report_reads_single_run_dirs(grid_sweep, tmp_path):
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path, tiny_cache):
     sweep_dir = tmp_path / "sweep"
     fns = "tests.sweep_helpers.nan_reward,rlhf.tasks.arithmetic.exact_match_reward"
-    sweep(sweep_dir, f"reward.fn._target_={fns}", "trainer.allowed_targets=[tests.sweep_helpers.]", *TINY,
+    sweep(sweep_dir, f"reward.fn._target_={fns}", "--allow-target", "tests.sweep_helpers", *TINY,
           "logging.wandb.mode=offline")  # fmt: skip
     failed, completed = sweep_dir / "0", sweep_dir / "1"
     status = json.loads((failed / "status.json").read_text())
