@@ -57,6 +57,9 @@ LOADER_VARIABLES = frozenset(
     {"BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "IFS", "PATH", "TORCH_EXTENSIONS_DIR"}
 )
 _LOGGING_KEYS = (("hydra", "job_logging"), ("hydra", "hydra_logging"))
+# Checked by where a value lands, so a value at, above or inside them may not reference another key
+# (`+foo={LD_PRELOAD:x} hydra.job.env_set=${foo}` would put an unchecked dict there).
+_CHECKED_BY_PATH = (("hydra", "job", "env_set"), *_LOGGING_KEYS)
 _DOTTED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
@@ -138,7 +141,7 @@ def _check_line(line: str, problems: list[str], targets: list[_Target]) -> None:
     for path, value in _nodes(key, override._value):
         dotted = ".".join(path)
         for text in (path[-1], value) if isinstance(value, str) else (path[-1],):
-            problem = _interpolation_problem(text)
+            problem = _interpolation_problem(text, references=not _checked_by_path(path))
             if problem:
                 problems.append(f"{dotted}={text!r} is not allowed: {problem}")
         if path[-1] == "_target_" or dotted in CALLABLE_KEYS:
@@ -189,8 +192,13 @@ def _nodes(path: tuple[str, ...], value: Any) -> Iterator[tuple[tuple[str, ...],
             yield from _nodes((*path, str(index)), item)
 
 
-def _interpolation_problem(text: str) -> str | None:
-    """Why an interpolation in ``text`` is refused, or None (also when there is none)."""
+def _checked_by_path(path: tuple[str, ...]) -> bool:
+    return any(path[: len(checked)] == checked[: len(path)] for checked in _CHECKED_BY_PATH)
+
+
+def _interpolation_problem(text: str, *, references: bool) -> str | None:
+    """Why an interpolation in ``text`` is refused, or None (also when there is none); ``references``:
+    whether ``${a.b}`` and ``${hydra:...}`` (which return other keys' values) are allowed."""
     if "${" not in text:
         return None
     try:
@@ -207,6 +215,15 @@ def _interpolation_problem(text: str) -> str | None:
                     f"a command-line value may interpolate only ${{oc.env:...}}, ${{now:...}}, ${{hydra:...}} "
                     f"and other keys (${{a.b}}), not ${{{name}:...}}"
                 )
+        is_reference = isinstance(node, OmegaConfGrammarParser.InterpolationNodeContext) or (
+            isinstance(node, OmegaConfGrammarParser.InterpolationResolverContext)
+            and node.resolverName().getText() == "hydra"
+        )
+        if is_reference and not references:
+            return (
+                "a value at or under hydra.job.env_set, hydra.job_logging or hydra.hydra_logging may not "
+                "reference other keys (it is checked where it lands)"
+            )
         stack.extend(getattr(node, "children", None) or [])
     return None
 
