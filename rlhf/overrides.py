@@ -20,7 +20,7 @@ every choice of a sweep (also the per-job overrides of ``hydra.sweeper.params``)
 
 Config files stay trusted (``--config-dir``, ``hydra.searchpath``, group choices such as
 ``reward=classifier``): whoever can write them can already run code. This module imports only the
-standard library, Hydra and OmegaConf, so a refusal is printed in well under a second.
+standard library, Hydra and OmegaConf, so a refusal by name is printed in under a second.
 """
 
 from __future__ import annotations
