@@ -130,6 +130,11 @@ def write_status(run_dir: Path, status: str, **fields: Any) -> None:
     os.replace(staged, run_dir / STATUS_FILE)
 
 
+def _status(run_dir: Path) -> str | None:
+    path = run_dir / STATUS_FILE
+    return json.loads(path.read_text())["status"] if path.exists() else None
+
+
 def run_job(cfg: DictConfig) -> float:
     """Validate, train and return the sweep objective, keeping ``status.json`` true; a failed job of
     a multirun returns NaN instead of raising. Nothing it writes or logs holds a value read from the
@@ -171,7 +176,8 @@ def _run(cfg: DictConfig, redactor: Redactor) -> float:
         raise SystemExit(stopped.exit_code) from stopped
     except KeyboardInterrupt as stopped:  # a second signal, a signal before the loop, or Ctrl-C
         exit_code = stopped.exit_code if isinstance(stopped, StoppedAtOnce) else 128 + 2
-        if main:
+        # A signal after train() wrote "interrupted" (with its step and checkpoint) keeps that status.
+        if main and _status(run_dir) != "interrupted":
             write_status(run_dir, "interrupted", error=redactor.scrub(str(stopped) or "KeyboardInterrupt"))
         log.error("%s", stopped)
         raise SystemExit(exit_code) from stopped
@@ -202,7 +208,7 @@ class SweepStatus(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        statuses = sorted(sweep_dir.glob(f"**/{STATUS_FILE}"))
+        statuses = sorted(sweep_dir.glob(f"**/{STATUS_FILE}"), key=lambda p: (len(p.parts), len(str(p)), str(p)))
         failed = [
             path.parent
             for path in statuses
