@@ -119,12 +119,20 @@ def test_a_successful_run_names_wandb_by_the_overrides_without_the_token(
         assert_nowhere(value, run_dir)
 
 
-def test_a_sweep_with_a_failed_job_runs_the_rest_and_exits_1_naming_it(tmp_path, tiny_cache, token, server_factory):
+# The joblib launcher runs the jobs in other processes: the sweep's exit code still counts them.
+@pytest.mark.parametrize(
+    "launcher",
+    [[], pytest.param(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], marks=pytest.mark.slow)],
+    ids=["basic", "joblib"],
+)
+def test_a_sweep_with_a_failed_job_runs_the_rest_and_exits_1_naming_it(
+    tmp_path, tiny_cache, token, server_factory, launcher
+):
     # Job 0's endpoint answers 500, job 1's scores: the sweep goes on, then reports job 0 and exits 1.
     sweep_dir = tmp_path / "sweep"
     failing, working = server_factory(failures=10**6), server_factory()
     result = cli(
-        "-m", *TINY, *SECRET_REWARD, f"reward.url={secret_url(failing)},{secret_url(working)}",
+        "-m", *launcher, *TINY, *SECRET_REWARD, f"reward.url={secret_url(failing)},{secret_url(working)}",
         "logging.wandb.mode=offline", f"model.cache_dir={tiny_cache}", f"hydra.sweep.dir={sweep_dir}",
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-3000:]
