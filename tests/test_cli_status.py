@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhf.job import write_status
 from rlhf.redact import mask_url, mask_url_in
 from tests.conftest import REPO, wandb_inspect
 
@@ -187,3 +188,19 @@ def test_urls_in_messages_hide_user_info_and_query():
     assert mask_url_in("nonnumeric port: 'tok3n@host:8000'", "http://user:tok3n@host:8000/s") == (
         "nonnumeric port: '***@host:8000'"
     )
+
+
+def test_a_signal_while_status_json_is_written_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    # A second signal raises in the middle of a write: the file written so far is cut short.
+    write_status(tmp_path, "running", pid=1)
+    real_write_text = Path.write_text
+
+    def cut_short(path: Path, text: str, *args, **kwargs):
+        real_write_text(path, text[: len(text) // 2])
+        raise KeyboardInterrupt("SIGTERM received twice")
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        write_status(tmp_path, "interrupted", step=3, checkpoint="step-3")
+    monkeypatch.undo()
+    assert status_of(tmp_path) == {"status": "running", "pid": 1}
