@@ -44,10 +44,9 @@ def mask_url(url: str) -> str:
     """``url`` with its user info and query string replaced by ``***``, for error messages:
     ``http://user:token@host/score?key=token`` -> ``http://***@host/score?***``."""
     parts = urllib.parse.urlsplit(url)
-    netloc = f"***@{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}" if "@" in parts.netloc else None
-    return urllib.parse.urlunsplit(
-        parts._replace(netloc=netloc or parts.netloc, query="***" if parts.query else "", fragment="")
-    )
+    _, at, host = parts.netloc.rpartition("@")
+    netloc = f"***@{host}" if at else host
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query="***" if parts.query else "", fragment=""))
 
 
 def mask_url_in(text: str, url: str) -> str:
