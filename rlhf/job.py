@@ -1,26 +1,38 @@
 """What a Hydra job knows about itself: its run dir, W&B name and group, and its status marker.
 
-``run_job`` is what ``train.py`` runs. In a multirun sweep a job that fails writes its traceback and
-a ``status.json`` marked failed, and returns NaN, so the other jobs of the sweep still run (Hydra
-would otherwise stop the sweep at the first exception). A single run re-raises. A run stopped by
-SIGTERM/SIGINT exits with 128 + the signal's number, ending a sweep too.
+``run_job`` is what ``train.py`` runs. It validates the config before torch is imported (a bad value
+fails in about a second: ``error: <message>``, exit code 2), then keeps ``status.json`` in the run
+dir true at every exit: ``running`` (pid, start time), then ``completed``, ``failed`` (the error; the
+traceback in ``traceback.txt``) or ``interrupted``. A failed single run exits with 1. In a multirun
+sweep a failed job returns NaN so that the other jobs still run (Hydra would otherwise stop the
+sweep at the first exception), and ``SweepStatus`` (a Hydra callback in ``conf/train.yaml``) makes
+the sweep exit with 1 after its last job, naming the failed jobs' dirs. A run stopped by
+SIGTERM/SIGINT/SIGHUP exits with 128 + the signal's number, ending a sweep too. No value read from
+the environment with ``${oc.env:...}`` reaches any of these files, the W&B run name or the logs.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
+import os
+import sys
+import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from rlhf.signals import RunInterrupted
+from rlhf.config import ConfigError, loggable_config, validate
+from rlhf.redact import Redactor, env_names, redact_env
+from rlhf.signals import RunInterrupted, StoppedAtOnce, stop_at_once
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +56,14 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def run_name_of(cfg: DictConfig) -> str:
-    """``logging.wandb.name`` if set, else the job's overrides (less logging/Hydra/sweep ones), else "default"."""
+    """``logging.wandb.name`` if set, else the job's overrides (less logging/Hydra/sweep ones), else
+    "default"; a value read from the environment shows as ``<env NAME>``."""
     if cfg.logging.wandb.name:
-        return cfg.logging.wandb.name
+        return loggable_config(cfg)["logging"]["wandb"]["name"]
     if HydraConfig.initialized():
-        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(_NOT_EXPERIMENT)]
+        # Raw strings: iterating Hydra's override list would resolve ${oc.env:...} inside them.
+        task = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
+        overrides = [redact_env(o) for o in task if not o.startswith(_NOT_EXPERIMENT)]
         if overrides:
             return ",".join(overrides)
     return "default"
@@ -57,7 +72,7 @@ def run_name_of(cfg: DictConfig) -> str:
 def group_of(cfg: DictConfig) -> str | None:
     """``logging.wandb.group`` if set, else the sweep's dir (``<date>_<time>``) for multirun jobs."""
     if cfg.logging.wandb.group:
-        return cfg.logging.wandb.group
+        return loggable_config(cfg)["logging"]["wandb"]["group"]
     if is_multirun():
         sweep_dir = Path(HydraConfig.get().sweep.dir)
         return f"{sweep_dir.parent.name}_{sweep_dir.name}"
@@ -80,28 +95,108 @@ def launch_overrides(argv: list[str], environ: Mapping[str, str]) -> list[str]:
     return []
 
 
+def is_main_process(environ: Mapping[str, str] = os.environ) -> bool:
+    """Rank 0 of a multi-process launch (torchrun and accelerate launch set ``RANK``), or the one process."""
+    return environ.get("RANK", "0") == "0"
+
+
 def write_status(run_dir: Path, status: str, **fields: Any) -> None:
-    """``status.json`` in the run dir: "completed" with the summary, or "failed" with the error."""
+    """``status.json`` in the run dir: "running", "completed" with the summary, "failed" with the
+    error, or "interrupted". Replaced in one step: a reader or a kill never sees half a file."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / STATUS_FILE).write_text(json.dumps({"status": status, **fields}, indent=1))
+    staged = run_dir / f".{STATUS_FILE}.tmp"
+    staged.write_text(json.dumps({"status": status, **fields}, indent=1))
+    os.replace(staged, run_dir / STATUS_FILE)
+
+
+def _status(run_dir: Path) -> str | None:
+    path = run_dir / STATUS_FILE
+    return json.loads(path.read_text())["status"] if path.exists() else None
 
 
 def run_job(cfg: DictConfig) -> float:
-    """Train and return the sweep objective; in a multirun, record a failure instead of raising."""
-    from rlhf.run import train
+    """Validate, train and return the sweep objective, keeping ``status.json`` true; a failed job of
+    a multirun returns NaN instead of raising. Nothing it writes or logs holds a value read from the
+    environment."""
+    redactor = Redactor(env_names(cfg))
+    handlers = redactor.install()
+    try:
+        with stop_at_once():  # a signal before the PPO loop has nothing to save: stop now
+            return _run(cfg, redactor)
+    finally:
+        redactor.uninstall(handlers)
+
+
+def _run(cfg: DictConfig, redactor: Redactor) -> float:
+    run_dir, main = run_dir_of(cfg), is_main_process()
+    try:
+        validate(cfg)  # before torch and transformers are imported: a bad value fails in a second
+    except ConfigError as error:
+        message = redactor.scrub(str(error))
+        if main:
+            write_status(run_dir, "failed", error=f"ConfigError: {message}")
+        if is_multirun():
+            log.error("job failed: %s; the sweep goes on", message)
+            return math.nan
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if main:
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        write_status(run_dir, "running", pid=os.getpid(), started=started)
 
     try:
-        return train(cfg)["objective"]
+        from rlhf.run import train  # torch and transformers: seconds
+
+        return train(cfg, validated=True)["objective"]
     except RunInterrupted as stopped:
         # A stop signal ends the process (and a sweep) with 128 + its number, as the shell expects.
+        # train() has written status.json ("interrupted", with the step and the checkpoint).
         log.error("%s", stopped)
         raise SystemExit(stopped.exit_code) from stopped
+    except KeyboardInterrupt as stopped:  # a second signal, a signal before the loop, or Ctrl-C
+        exit_code = stopped.exit_code if isinstance(stopped, StoppedAtOnce) else 128 + 2
+        # A signal after train() wrote "interrupted" (with its step and checkpoint) keeps that status.
+        if main and _status(run_dir) != "interrupted":
+            write_status(run_dir, "interrupted", error=redactor.scrub(str(stopped) or "KeyboardInterrupt"))
+        log.error("%s", stopped)
+        raise SystemExit(exit_code) from stopped
     except Exception as error:
-        if not is_multirun():
-            raise
-        run_dir = run_dir_of(cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / TRACEBACK_FILE).write_text(traceback.format_exc())
-        write_status(run_dir, "failed", error=f"{type(error).__name__}: {error}")
-        log.error("job failed (%s: %s); traceback in %s; the sweep goes on", type(error).__name__, error, run_dir)
-        return math.nan
+        trace = redactor.scrub(traceback.format_exc())
+        message = redactor.scrub(f"{type(error).__name__}: {error}")
+        if main:
+            (run_dir / TRACEBACK_FILE).write_text(trace)
+            write_status(run_dir, "failed", error=message)
+        if is_multirun():
+            log.error("job failed (%s); traceback in %s; the sweep goes on", message, run_dir)
+            return math.nan
+        print(trace, file=sys.stderr, end="")
+        raise SystemExit(1) from None
+
+
+class SweepStatus(Callback):
+    """Hydra callback (``hydra.callbacks`` in ``conf/train.yaml``): after a multirun, count the jobs
+    whose ``status.json`` says failed and exit with 1 if there is any, naming their dirs. Jobs may run
+    in other processes (joblib launcher), so their status files are what counts; only those written
+    since this sweep started (a sweep dir can be reused to resume a sweep)."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        statuses = sorted(sweep_dir.glob(f"**/{STATUS_FILE}"), key=lambda p: (len(p.parts), len(str(p)), str(p)))
+        failed = [
+            path.parent
+            for path in statuses
+            if path.stat().st_mtime >= self.started - 1 and json.loads(path.read_text())["status"] == "failed"
+        ]
+        if failed:
+            dirs = "".join(f"\n  {job}" for job in failed)
+            print(
+                f"{len(failed)} job(s) of the sweep failed (status.json and traceback.txt there):{dirs}",
+                file=sys.stderr,
+            )
+            raise SystemExit(1)

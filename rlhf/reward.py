@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf.models import DTYPES, disable_dropout, loading
+from rlhf.redact import mask_url, mask_url_in
 
 
 class FunctionReward:
@@ -81,6 +82,7 @@ class HTTPReward:
         return torch.tensor(scores, dtype=torch.float32)
 
     def post(self, batch: dict[str, list[str]]) -> list[float]:
+        shown = mask_url(self.url)  # a token in the query string or user info stays out of errors and logs
         request = urllib.request.Request(
             self.url, data=json.dumps(batch).encode(), headers=self.headers, method="POST"
         )
@@ -91,15 +93,18 @@ class HTTPReward:
                 break
             except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
                 if attempt == self.retries:
+                    detail = mask_url_in(str(error), self.url)
                     raise RuntimeError(
-                        f"reward.url={self.url!r} failed {self.retries + 1} time(s); last error: {error}"
+                        f"reward.url={shown!r} failed {self.retries + 1} time(s); last error: {detail}"
                     ) from error
                 time.sleep(min(0.1 * 2**attempt, 2.0))
             except (KeyError, ValueError) as error:
-                raise RuntimeError(f'reward.url={self.url!r} did not answer {{"scores": [...]}}: {error}') from error
+                raise RuntimeError(
+                    f'reward.url={shown!r} did not answer {{"scores": [...]}}: {mask_url_in(str(error), self.url)}'
+                ) from error
         if len(scores) != len(batch["prompts"]):
             raise RuntimeError(
-                f"reward.url={self.url!r} returned {len(scores)} scores for {len(batch['prompts'])} responses"
+                f"reward.url={shown!r} returned {len(scores)} scores for {len(batch['prompts'])} responses"
             )
         return [float(score) for score in scores]
 

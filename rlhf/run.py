@@ -57,11 +57,13 @@ def evaluate(trainer: PPOTrainer, prompts: list[str]) -> dict[str, float]:
             "eval/score_greedy": greedy[greedy.isfinite()].mean().item()}  # fmt: skip
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
+def train(cfg: DictConfig, *, validated: bool = False) -> dict[str, float]:
     """Run PPO as configured, continuing from a checkpoint per ``trainer.resume``; returns the
-    run's final figures (also the W&B summary). Raises ``RunInterrupted`` after a stop signal."""
+    run's final figures (also the W&B summary). Raises ``RunInterrupted`` after a stop signal.
+    ``validated``: the caller has run ``validate(cfg)`` already (``rlhf.job.run_job``)."""
     started = time.perf_counter()
-    validate(cfg)
+    if not validated:
+        validate(cfg)
     run_dir = run_dir_of(cfg)
     resume_from = find_resume_checkpoint(cfg, run_dir)
     trainer, train_prompts, eval_prompts = build_trainer(cfg)
@@ -93,14 +95,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 save_model(trainer, run_dir / "model")
             tracker.summary(summary)
             if dist.is_main:
-                write_status(run_dir, "completed", summary=summary, world_size=dist.world_size)
+                with stop.protected():
+                    write_status(run_dir, "completed", summary=summary, world_size=dist.world_size)
                 print_summary(summary, run_dir)
             exit_code = 0
             return summary
         except RunInterrupted as stopped:
             exit_code, preempted = stopped.exit_code, True
             if dist.is_main:
-                write_status(run_dir, "interrupted", step=stopped.step, checkpoint=str(stopped.checkpoint))
+                with stop.protected():
+                    write_status(run_dir, "interrupted", step=stopped.step, checkpoint=str(stopped.checkpoint))
             raise
         except BaseException:
             checkpoints = complete_checkpoints(run_dir / "checkpoints")

@@ -1,9 +1,11 @@
-"""Stopping a run cleanly on SIGTERM or SIGINT (preemption, Ctrl-C, ``scancel``).
+"""Stopping a run cleanly on SIGTERM, SIGINT or SIGHUP (preemption, Ctrl-C, ``scancel``, a closed
+terminal or SSH session).
 
 The first signal asks the run to stop at its next safe point: the end of the current PPO step,
 which is then logged and checkpointed, and the run exits with ``128 + signal number``. A second
 signal stops at once (the last complete checkpoint stays), except inside a protected section, the
-writing of a step's metrics and checkpoint, which always completes first.
+writing of a step's metrics and checkpoint, which always completes first. Before the PPO loop
+(while models load) there is nothing to save, and ``stop_at_once`` makes a signal stop at once.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from types import FrameType
 
 log = logging.getLogger(__name__)
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class RunInterrupted(Exception):
@@ -34,8 +36,35 @@ class RunInterrupted(Exception):
         self.exit_code = 128 + signum  # the shell's convention for a process ended by a signal
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """The run stopped at once on signal ``signum`` (a second signal, or one before the PPO loop)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def stop_at_once() -> Iterator[None]:
+    """While active, SIGTERM/SIGINT/SIGHUP raise ``StoppedAtOnce`` where the run is (main thread only)."""
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        raise StoppedAtOnce(signum, f"{signal.Signals(signum).name}: stopped at once, outside the PPO loop")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handle) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class StopSignals:
-    """Context manager that turns SIGTERM/SIGINT into a stop request while it is active.
+    """Context manager that turns SIGTERM/SIGINT/SIGHUP into a stop request while it is active.
 
     Handlers can only be installed from the main thread; elsewhere signals keep their default
     behaviour and ``requested`` stays False.
@@ -68,7 +97,7 @@ class StopSignals:
         elif self._protected:
             log.warning("%s: a step's metrics and checkpoint are being written; stopping right after", name)
         else:
-            raise KeyboardInterrupt(f"{name} received twice: stopped at once; the last complete checkpoint stays")
+            raise StoppedAtOnce(signum, f"{name} received twice: stopped at once; the last complete checkpoint stays")
 
     @contextlib.contextmanager
     def protected(self) -> Iterator[None]:

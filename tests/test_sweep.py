@@ -19,12 +19,12 @@ from tests.test_train import wandb_inspect
 TINY = ["trainer.steps=2", "rollout.batch_size=8", "ppo.minibatch_size=4", "logging.progress_bar=false"]
 
 
-def sweep(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+def sweep(sweep_dir: Path, *overrides: str, expect: int = 0) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, "train.py", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == expect, result.stderr[-3000:]
     return result
 
 
@@ -83,7 +83,7 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path, tiny_cache):
     sweep_dir = tmp_path / "sweep"
     fns = "tests.sweep_helpers.nan_reward,rlhf.tasks.arithmetic.exact_match_reward"
     sweep(sweep_dir, f"reward.fn._target_={fns}", "--allow-target", "tests.sweep_helpers", *TINY,
-          "logging.wandb.mode=offline")  # fmt: skip
+          "logging.wandb.mode=offline", expect=1)  # fmt: skip
     failed, completed = sweep_dir / "0", sweep_dir / "1"
     status = json.loads((failed / "status.json").read_text())
     assert status["status"] == "failed" and "not finite" in status["error"]

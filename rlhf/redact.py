@@ -1,0 +1,108 @@
+"""Keeping values read from the environment out of what a run writes.
+
+A config value written ``${oc.env:NAME}`` (an API token in a reward header or URL) is used by the
+run, but its resolved value must not reach the run dir or W&B: not in names, status, tracebacks or
+logs. ``Redactor`` knows a config's environment values and replaces them by ``<env NAME>`` in any
+text; as a ``logging.Filter`` it does the same to every record a handler writes (Hydra's
+``train.log``). ``mask_url`` hides a URL's query string and user info in error messages.
+Light on imports: it runs before torch is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.parse
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from rlhf.config import _ENV_INTERPOLATION
+
+# Shorter environment values are not scrubbed: replacing "1" or "on" everywhere would mangle every
+# number and word of a log, and such values are no secrets.
+MIN_SECRET_LENGTH = 4
+
+
+def env_names(node: Any) -> set[str]:
+    """Names of the environment variables read by ``${oc.env:NAME}`` anywhere in ``node``, a config
+    or an override list (read unresolved: resolving is what would expose the values)."""
+    raw = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+    if isinstance(raw, dict):
+        return {name for value in raw.values() for name in env_names(value)}
+    if isinstance(raw, list):
+        return {name for value in raw for name in env_names(value)}
+    return set(_ENV_INTERPOLATION.findall(raw)) if isinstance(raw, str) else set()
+
+
+def redact_env(text: str) -> str:
+    """``text`` with each ``${oc.env:NAME...}`` written as ``<env NAME>`` (the unresolved form)."""
+    return _ENV_INTERPOLATION.sub(r"<env \1>", text)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its user info and query string replaced by ``***``, for error messages:
+    ``http://user:token@host/score?key=token`` -> ``http://***@host/score?***``."""
+    parts = urllib.parse.urlsplit(url)
+    _, at, host = parts.netloc.rpartition("@")
+    netloc = f"***@{host}" if at else host
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query="***" if parts.query else "", fragment=""))
+
+
+def mask_url_in(text: str, url: str) -> str:
+    """``text`` (an error about ``url``) with ``url``'s user info and query string replaced by ``***``
+    wherever they appear, the URL whole or in pieces (``nonnumeric port: 'token@host'``)."""
+    parts = urllib.parse.urlsplit(url)
+    text = text.replace(url, mask_url(url))
+    secrets = [parts.query, parts.netloc.rpartition("@")[0] if "@" in parts.netloc else "", parts.password or ""]
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+class Redactor(logging.Filter):
+    """Replaces the values of the environment variables ``names`` (as they are now) by ``<env NAME>``
+    in text (``scrub``) and in log records (as a filter on handlers)."""
+
+    def __init__(self, names: set[str]):
+        super().__init__()
+        values = {name: os.environ.get(name, "") for name in names}
+        # Longest first: a value that contains another is replaced whole.
+        self.values = sorted(
+            ((value, name) for name, value in values.items() if len(value) >= MIN_SECRET_LENGTH),
+            key=lambda item: -len(item[0]),
+        )
+
+    def scrub(self, text: str) -> str:
+        for value, name in self.values:
+            text = text.replace(value, f"<env {name}>")
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.values:
+            return True
+        record.msg, record.args = self.scrub(record.getMessage()), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.scrub(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.scrub(record.stack_info)
+        return True
+
+    def install(self) -> list[logging.Handler]:
+        """Filter every handler of the root logger and of loggers that do not propagate to it (Hydra's
+        file and console handlers); returns them, for ``uninstall``."""
+        loggers = [logging.getLogger()] + [
+            logger
+            for logger in logging.Logger.manager.loggerDict.values()
+            if isinstance(logger, logging.Logger) and not logger.propagate
+        ]
+        handlers = [handler for logger in loggers for handler in logger.handlers]
+        for handler in handlers:
+            handler.addFilter(self)
+        return handlers
+
+    def uninstall(self, handlers: list[logging.Handler]) -> None:
+        for handler in handlers:
+            handler.removeFilter(self)
