@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import logging
 
 import torch
 from torch import nn
@@ -18,10 +19,13 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -95,8 +99,9 @@ def disable_dropout(model: nn.Module) -> None:
 
     ``nn.Dropout`` modules are not the only dropout: Qwen2/Llama attention copies
     ``config.attention_dropout`` into a float attribute and passes it to the attention kernel in
-    training mode (0.1 there made |ratio - 1| reach 0.99 on the first mini-batch). So every module's
-    numeric attribute named like a dropout, and every config's, is zeroed too."""
+    training mode (0.1 in a tiny Qwen2 checkpoint: max |ratio - 1| of the first mini-batch 0.013-0.022
+    instead of < 1e-6). So every module's numeric attribute named like a dropout, and every config's, is
+    zeroed too."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -120,6 +125,16 @@ def load_actor(
         model.resize_token_embeddings(vocab_size)
     # The checkpoint's generation_config (Qwen2.5's top_k, top_p, repetition_penalty, its EOS ids) stays
     # on the model and is saved with it; rollout.generate samples with neutral settings of its own.
+    shipped = model.generation_config
+    try:
+        # save_pretrained refuses a changed config that fails this (the run changes its pad id): a
+        # published one with, say, a temperature but do_sample=false would fail the final save.
+        copy.deepcopy(shipped).validate(strict=True)
+    except ValueError as error:
+        log.warning("model.path=%r: its generation_config is not kept (it could not be saved back): %s", path, error)
+        model.generation_config = GenerationConfig(
+            bos_token_id=shipped.bos_token_id, eos_token_id=shipped.eos_token_id, pad_token_id=shipped.pad_token_id
+        )
     return model
 
 

@@ -230,3 +230,16 @@ def test_saved_model_keeps_the_shipped_generation_config(make_cfg, stand_ins, tm
 def test_missing_checkpoints_name_the_key(make_cfg, overrides, key):
     with pytest.raises(ValueError, match=rf"^{key}='/no/such/[a-z-]+' could not be loaded"):
         build_trainer(make_cfg(*overrides))
+
+
+def test_a_generation_config_that_could_not_be_saved_back_is_replaced(make_cfg, stand_ins, tmp_path):
+    # A published config transformers only warns about on load (temperature without do_sample) but refuses
+    # to save once changed (the run sets its pad id): the final save must not fail on it.
+    from rlhf.run import train
+
+    actor_dir = save_tiny_qwen(tmp_path / "qwen-odd", generation={"eos_token_id": ["<|im_end|>"]})
+    path = actor_dir / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "do_sample": False, "temperature": 0.7}))
+    train(preset_cfg(make_cfg, {**stand_ins, "actor": actor_dir}))
+    saved = json.loads((tmp_path / "run" / "model" / "generation_config.json").read_text())
+    assert "temperature" not in saved and saved["eos_token_id"] == [qwen_token_ids(actor_dir)["<|im_end|>"]]

@@ -210,3 +210,17 @@ def test_http_reward_that_is_not_a_number_names_the_url_and_index():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_reward_tokenizer_without_a_pad_token_pads_with_its_eos(tmp_path):
+    from rlhf.reward import ClassifierReward
+    from rlhf.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.pad_token = None
+    path = save_qwen_reward_model(tmp_path / "rm", tokenizer, pad_token_id=None)
+    reward = ClassifierReward(str(path), max_length=64, batch_size=4, device=torch.device("cpu"))
+    assert reward.tokenizer.pad_token == tokenizer.eos_token
+    prompts, responses = ["1+1=", "12+13="], ["2", "25 25 25"]
+    alone = torch.cat([reward([p], [r]) for p, r in zip(prompts, responses, strict=True)])
+    torch.testing.assert_close(reward(prompts, responses), alone, atol=1e-5, rtol=0)
