@@ -78,19 +78,15 @@ def check_context_length(path: str, max_prompt_length: int, max_new_tokens: int,
         )
 
 
-def _is_probability(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def zero_dropout_config(config: PretrainedConfig) -> None:
     """Every dropout probability of a model config (and of the configs nested in it) set to 0.
 
-    The rule: any attribute whose name contains "dropout" and holds a number (attention_dropout,
+    The rule: any attribute whose name contains "dropout" and holds a float (attention_dropout,
     hidden_dropout_prob, attention_probs_dropout_prob, classifier_dropout, pooler_dropout, ...)."""
     for name, value in list(vars(config).items()):
         if isinstance(value, PretrainedConfig):
             zero_dropout_config(value)
-        elif "dropout" in name and _is_probability(value):
+        elif "dropout" in name and isinstance(value, float):
             setattr(config, name, 0.0)
 
 
@@ -100,13 +96,13 @@ def disable_dropout(model: nn.Module) -> None:
     ``nn.Dropout`` modules are not the only dropout: Qwen2/Llama attention copies
     ``config.attention_dropout`` into a float attribute and passes it to the attention kernel in
     training mode (0.1 in a tiny Qwen2 checkpoint: max |ratio - 1| of the first mini-batch 0.013-0.022
-    instead of < 1e-6). So every module's numeric attribute named like a dropout, and every config's, is
+    instead of < 1e-6). So every module's float attribute named like a dropout, and every config's, is
     zeroed too."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
         for name, value in list(vars(module).items()):
-            if "dropout" in name and _is_probability(value):
+            if "dropout" in name and isinstance(value, float):
                 setattr(module, name, 0.0)
         config = getattr(module, "config", None)
         if isinstance(config, PretrainedConfig):
