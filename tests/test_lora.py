@@ -64,7 +64,7 @@ def test_lora_run_saves_the_adapters_only(make_cfg, tmp_path):
 
 
 def test_lora_dropout_is_refused():
-    # Adapter dropout made the update's forward differ from the rollout's (ratio_dev_first 3e-3 from step 2).
+    # Adapter dropout made the update's forward differ from the rollout's (0.1: ratio_dev_first 0.004-0.08).
     overrides = ["model.lora.enabled=true", "model.shared_critic=true", "model.lora.dropout=0.05"]
     with pytest.raises(ConfigError, match=r"^model.lora.dropout=0.05 is not allowed: must be 0: PPO needs the same"):
         validate(compose(overrides))
