@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import random
 import warnings
 
@@ -14,6 +15,7 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from rlhf.config import DataConfig, validate
@@ -28,12 +30,15 @@ from rlhf.models import (
     frozen_copy,
     load_actor,
     load_tokenizer,
+    shares_vocabulary,
     trunk_of,
 )
 from rlhf.reward import RewardNormalizer, build_reward
 from rlhf.tasks.arithmetic import exact_match_reward, solve, split_prompts
 from rlhf.tiny import ensure_tiny_actor
 from rlhf.trainer import PPOTrainer
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -58,6 +63,35 @@ def resolve_actor_paths(cfg: DictConfig) -> tuple[str, str]:
         eval_prompts, exact_match_reward,
     )  # fmt: skip
     return str(model_dir), str(tokenizer_dir)
+
+
+def resolve_critic_init(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+    """``model.critic_init`` as the run will use it, decided from tokenizers before any model is loaded.
+
+    A trunk loaded from another checkpoint reads the actor's token ids, so it needs the actor's
+    vocabulary. The presets that start the critic from the reward model (n_implementation_details,
+    ppo_max) come from setups where it does; the seed's DeBERTa reward model beside a Qwen actor does
+    not, so ``reward_model`` falls back to ``actor`` with a logged note. ``path`` names one checkpoint
+    on purpose: another vocabulary there is an error."""
+    init = cfg.model.critic_init
+    if init not in ("reward_model", "path"):
+        return init
+    key = "reward.path" if init == "reward_model" else "model.critic_path"
+    path = cfg.reward.path if init == "reward_model" else cfg.model.critic_path
+    if shares_vocabulary(tokenizer, path, cfg.model.trust_remote_code, key):
+        return init
+    if init == "path":
+        raise ValueError(
+            f"model.critic_init=path: the tokenizer at {key}={path!r} does not share the actor's vocabulary, so a "
+            "critic built on it would misread the actor's tokens; use model.critic_init=actor"
+        )
+    log.warning(
+        "model.critic_init=reward_model: the reward model at reward.path=%r has another vocabulary than the actor, "
+        "so its trunk could not read the actor's tokens; the critic starts from the actor instead "
+        "(model.critic_init=actor)",
+        path,
+    )
+    return "actor"
 
 
 def limit_malloc_arenas(count: int) -> bool:
@@ -108,6 +142,7 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     check_context_length(
         model_path, cfg.data.max_prompt_length, cfg.rollout.max_new_tokens, cfg.model.trust_remote_code
     )
+    critic_init = resolve_critic_init(cfg, tokenizer)
 
     # 2. reward, then the models: actor, frozen reference, critic
     reward = build_reward(cfg.reward, device)
@@ -119,9 +154,9 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
         reference = AdapterDisabledReference(actor)
     else:
         reference = frozen_copy(actor)
-    critic_path = {"reward_model": cfg.reward.path, "path": cfg.model.critic_path}.get(cfg.model.critic_init)
+    critic_path = {"reward_model": cfg.reward.path, "path": cfg.model.critic_path}.get(critic_init)
     critic = build_critic(
-        actor, tokenizer, cfg.model.critic_init, cfg.model.shared_critic, critic_path, cfg.model.value_head_std,
+        actor, tokenizer, critic_init, cfg.model.shared_critic, critic_path, cfg.model.value_head_std,
         cfg.model.trust_remote_code,
     )  # fmt: skip
     if cfg.hardware.gradient_checkpointing:

@@ -100,6 +100,8 @@ class RewardConfig:
     fn: Any = None
     # Hub id or local folder of the reward model (kind=model).
     path: str | None = None
+    # Reward-model input (kind=model): "pair" = (prompt, response) as a text pair; "chat" = user + assistant turn.
+    input_format: str = "pair"
     # Maximum reward-model input length in its own tokens (kind=model).
     max_length: int = 512
     # Reward-model weights dtype (kind=model): float32, bfloat16 or float16.
@@ -400,6 +402,11 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
+def _validate_reward_input(reward: Any) -> None:
+    """How a reward model reads its input; whether its tokenizer has a chat template is checked when it loads."""
+    _one_of("reward.input_format", reward.input_format, ("pair", "chat"))
+
+
 # fmt: off
 def validate(cfg: Any) -> None:
     """Check ranges and relations of a composed config; raise ``ConfigError`` naming the key."""
@@ -431,7 +438,8 @@ def validate(cfg: Any) -> None:
                "set model.shared_critic=true")
         _positive("model.lora.r", model.lora.r)
         _positive("model.lora.alpha", model.lora.alpha)
-        _check(0 <= model.lora.dropout < 1, "model.lora.dropout", model.lora.dropout, "must be in [0, 1)")
+        _check(model.lora.dropout == 0, "model.lora.dropout", model.lora.dropout,
+               "must be 0: PPO needs the same forward at sampling and update time (dropout moves the first ratio)")
     if model.value_head_std is not None:
         _non_negative("model.value_head_std", model.value_head_std)
 
@@ -454,6 +462,7 @@ def validate(cfg: Any) -> None:
     _positive("reward.max_length", reward.max_length)
     _one_of("reward.dtype", reward.dtype, DTYPE_NAMES)
     _positive("reward.batch_size", reward.batch_size)
+    _validate_reward_input(reward)
 
     kl = cfg.kl
     _one_of("kl.controller", kl.controller, ("fixed", "adaptive"))

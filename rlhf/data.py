@@ -16,8 +16,11 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
 OVERLONG_POLICIES = ("error", "filter", "truncate")
 
 
-def read_prompt_column(path: str, prompt_key: str, split: str, cache_dir: str | None = None) -> list[str]:
-    """The ``prompt_key`` column of a local file/folder (JSONL, JSON, Parquet, CSV) or hub dataset."""
+def read_prompt_column(
+    path: str, prompt_key: str, split: str, cache_dir: str | None = None, key: str = "data.path"
+) -> list[str]:
+    """The ``prompt_key`` column of a local file/folder (JSONL, JSON, Parquet, CSV) or hub dataset;
+    errors name ``key`` (``data.path`` or ``data.eval_path``) and the split key that goes with it."""
     from datasets import load_dataset
 
     local = Path(path).expanduser()
@@ -30,7 +33,11 @@ def read_prompt_column(path: str, prompt_key: str, split: str, cache_dir: str | 
         else:
             dataset = load_dataset(str(local) if local.is_dir() else path, split=split, cache_dir=cache_dir)
     except Exception as error:
-        raise ValueError(f"data.path={path!r} (split {split!r}) could not be read: {error}") from error
+        split_key = "data.eval_split" if key == "data.eval_path" else "data.split"
+        raise ValueError(
+            f"{key}={path!r} (split {split!r}) could not be read: {error} (a folder or hub dataset is read by "
+            f"split: check {split_key})"
+        ) from error
     if prompt_key not in dataset.column_names:
         raise ValueError(
             f"data.prompt_key={prompt_key!r} is not a column of {path!r}: its columns are {dataset.column_names}"
@@ -50,7 +57,9 @@ def load_prompts(data) -> tuple[list[str], list[str]]:
         raise ValueError(f"data.task={data.task!r}: expected 'arithmetic' or 'dataset'")
     prompts = read_prompt_column(data.path, data.prompt_key, data.split, data.cache_dir)
     if data.eval_path:
-        return prompts, read_prompt_column(data.eval_path, data.prompt_key, data.eval_split, data.cache_dir)
+        return prompts, read_prompt_column(
+            data.eval_path, data.prompt_key, data.eval_split, data.cache_dir, key="data.eval_path"
+        )
     if not 0 < data.num_eval < len(prompts):
         raise ValueError(f"data.num_eval={data.num_eval} must be between 1 and {len(prompts) - 1}, "
                          f"the number of prompts in {data.path!r} less one")  # fmt: skip
@@ -59,17 +68,26 @@ def load_prompts(data) -> tuple[list[str], list[str]]:
     return shuffled[data.num_eval :], shuffled[: data.num_eval]
 
 
+def templated_lengths(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[int]:
+    """Length in tokens of each prompt after the chat template."""
+    return [len(ids) for ids in tokenizer(format_prompts(tokenizer, prompts), add_special_tokens=False)["input_ids"]]
+
+
 def fit_prompt_lengths(
     tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int, policy: str, name: str
 ) -> list[str]:
     """Prompts whose chat-templated length fits ``max_length``: ``error`` (default) lists the
     overlong ones, ``filter`` drops them, ``truncate`` keeps the end of each (the question)."""
-    lengths = [
-        len(ids) for ids in tokenizer(format_prompts(tokenizer, prompts), add_special_tokens=False)["input_ids"]
-    ]
+    lengths = templated_lengths(tokenizer, prompts)
     overlong = [i for i, n in enumerate(lengths) if n > max_length]
     if not overlong:
         return prompts
+    (template_length,) = templated_lengths(tokenizer, [""])
+    if template_length >= max_length:
+        raise ValueError(
+            f"data.max_prompt_length={max_length} leaves no room for a prompt: the chat template alone takes "
+            f"{template_length} tokens; raise data.max_prompt_length"
+        )
     if policy == "error":
         first = overlong[0]
         raise ValueError(
@@ -84,10 +102,23 @@ def fit_prompt_lengths(
         return kept
     fitted = list(prompts)
     for i in overlong:
-        ids = tokenizer(prompts[i], add_special_tokens=False)["input_ids"]
-        template_overhead = lengths[i] - len(ids)
-        fitted[i] = tokenizer.decode(ids[len(ids) - (max_length - template_overhead) :])
+        fitted[i] = keep_end(tokenizer, prompts[i], max_length, room=max_length - template_length)
     return fitted
+
+
+def keep_end(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int, room: int) -> str:
+    """The longest end of ``prompt`` (at most ``room`` of its tokens) whose chat-templated length is
+    within ``max_length``.
+
+    The text is decoded from the kept ids, so the length is checked again: with byte-level BPE a cut
+    through a multi-byte character decodes to U+FFFD, which re-encodes to more tokens than it came from
+    (dropped here, with the cut moved on until the result fits)."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for keep in range(min(room, len(ids)), 0, -1):
+        text = tokenizer.decode(ids[len(ids) - keep :]).lstrip("\ufffd")
+        if text.strip() and templated_lengths(tokenizer, [text])[0] <= max_length:
+            return text
+    raise ValueError(f"no end of the prompt {prompt!r} fits data.max_prompt_length={max_length}")
 
 
 class PromptSampler:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import logging
 
 import torch
 from torch import nn
@@ -19,9 +20,12 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -74,11 +78,35 @@ def check_context_length(path: str, max_prompt_length: int, max_new_tokens: int,
         )
 
 
+def zero_dropout_config(config: PretrainedConfig) -> None:
+    """Every dropout probability of a model config (and of the configs nested in it) set to 0.
+
+    The rule: any attribute whose name contains "dropout" and holds a float (attention_dropout,
+    hidden_dropout_prob, attention_probs_dropout_prob, classifier_dropout, pooler_dropout, ...)."""
+    for name, value in list(vars(config).items()):
+        if isinstance(value, PretrainedConfig):
+            zero_dropout_config(value)
+        elif "dropout" in name and isinstance(value, float):
+            setattr(config, name, 0.0)
+
+
 def disable_dropout(model: nn.Module) -> None:
-    """PPO needs the same forward at sampling and at update time: no dropout anywhere."""
+    """PPO needs the same forward at sampling and at update time: no dropout anywhere.
+
+    ``nn.Dropout`` modules are not the only dropout: Qwen2/Llama attention copies
+    ``config.attention_dropout`` into a float attribute and passes it to the attention kernel in
+    training mode (0.1 in a tiny Qwen2 checkpoint: max |ratio - 1| of the first mini-batch 0.013-0.022
+    instead of < 1e-6). So every module's float attribute named like a dropout, and every config's, is
+    zeroed too."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig):
+            zero_dropout_config(config)
 
 
 def load_actor(
@@ -91,14 +119,18 @@ def load_actor(
     disable_dropout(model)
     if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(vocab_size)
-    # generate() fills every setting we leave unset from the checkpoint's generation_config (Qwen2.5
-    # ships top_k=20, top_p=0.8, repetition_penalty=1.05), which would sample from something other
-    # than the policy PPO computes log-probs for. Sampling settings come from our config alone.
-    model.generation_config = GenerationConfig(
-        bos_token_id=model.config.bos_token_id,
-        eos_token_id=model.config.eos_token_id,
-        pad_token_id=model.config.pad_token_id,
-    )
+    # The checkpoint's generation_config (Qwen2.5's top_k, top_p, repetition_penalty, its EOS ids) stays
+    # on the model and is saved with it; rollout.generate samples with neutral settings of its own.
+    shipped = model.generation_config
+    try:
+        # save_pretrained refuses a changed config that fails this (the run changes its pad id): a
+        # published one with, say, a temperature but do_sample=false would fail the final save.
+        copy.deepcopy(shipped).validate(strict=True)
+    except ValueError as error:
+        log.warning("model.path=%r: its generation_config is not kept (it could not be saved back): %s", path, error)
+        model.generation_config = GenerationConfig(
+            bos_token_id=shipped.bos_token_id, eos_token_id=shipped.eos_token_id, pad_token_id=shipped.pad_token_id
+        )
     return model
 
 
@@ -165,6 +197,17 @@ class Critic(nn.Module):
         return self.value_head(hidden).squeeze(-1).to(torch.float32, copy=True)
 
 
+def shares_vocabulary(
+    tokenizer: PreTrainedTokenizerBase, path: str, trust_remote_code: bool = False, key: str = "reward.path"
+) -> bool:
+    """Whether the tokenizer at ``path`` maps each of its tokens to the id the actor's tokenizer gives it
+    (the actor's may have more: an added pad token). Loads the tokenizer only, not the model."""
+    with loading(key, path):
+        other_vocab = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).get_vocab()
+    actor_vocab = tokenizer.get_vocab()
+    return all(actor_vocab.get(token) == index for token, index in other_vocab.items())
+
+
 def build_critic(
     actor: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -176,7 +219,8 @@ def build_critic(
 ) -> Critic:
     """The critic: a trunk plus a value head. The trunk is the actor's own (``shared``), a copy of it
     (``init="actor"``), or loaded from ``path`` (the reward model's, or any checkpoint). A loaded
-    trunk reads the actor's token ids, so its tokenizer must have the actor's vocabulary."""
+    trunk reads the actor's token ids, so its tokenizer must have the actor's vocabulary
+    (``shares_vocabulary``, checked before any model is loaded)."""
     if shared:
         backbone = trunk_of(actor)
     elif init == "actor":
@@ -184,14 +228,7 @@ def build_critic(
     elif init in ("reward_model", "path"):
         key = "reward.path" if init == "reward_model" else "model.critic_path"
         with loading(key, path):
-            other_vocab = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).get_vocab()
-        actor_vocab = tokenizer.get_vocab()
-        if any(actor_vocab.get(token) != index for token, index in other_vocab.items()):
-            raise ValueError(
-                f"model.critic_init={init}: the tokenizer at {path!r} does not share the actor's vocabulary, so a "
-                "critic built on it would misread the actor's tokens; use model.critic_init=actor"
-            )
-        backbone = AutoModel.from_pretrained(path, dtype=actor.dtype, trust_remote_code=trust_remote_code)
+            backbone = AutoModel.from_pretrained(path, dtype=actor.dtype, trust_remote_code=trust_remote_code)
         if backbone.get_input_embeddings().num_embeddings < len(tokenizer):
             backbone.resize_token_embeddings(len(tokenizer))
         disable_dropout(backbone)

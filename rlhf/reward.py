@@ -33,33 +33,67 @@ class FunctionReward:
 
 
 class ClassifierReward:
-    """A frozen sequence classifier scoring the (prompt, response) text pair; score = logit 0.
+    """A frozen sequence classifier scoring each (prompt, response); score = logit 0.
 
-    Inputs are right-padded: DeBERTa-style reward models pool the first token, and left padding
-    shifts their scores.
+    ``input_format``: ``pair`` tokenizes (prompt, response) as a text pair, as reward models trained on
+    question/answer pairs expect (OpenAssistant's DeBERTa ones); ``chat`` renders a user turn and an
+    assistant turn with the reward tokenizer's chat template, as chat reward models (Skywork-Reward,
+    ArmoRM) expect. Inputs are right-padded: DeBERTa-style reward models pool the first token, and
+    left padding shifts their scores.
     """
 
-    def __init__(self, path: str, max_length: int, batch_size: int, device: torch.device, dtype: str = "float32"):
+    def __init__(
+        self,
+        path: str,
+        max_length: int,
+        batch_size: int,
+        device: torch.device,
+        dtype: str = "float32",
+        input_format: str = "pair",
+    ):
         with loading("reward.path", path):
             self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+        # Checked before the model loads (a tokenizer is cheap, a reward model is not).
+        if input_format == "chat" and not self.tokenizer.chat_template:
+            raise ValueError(
+                f"reward.input_format=chat needs a reward-model tokenizer with a chat template; the one at "
+                f"reward.path={path!r} has none: use reward.input_format=pair"
+            )
+        if self.tokenizer.pad_token is None:
+            if self.tokenizer.eos_token is None:
+                raise ValueError(f"reward.path={path!r}: its tokenizer has no pad or EOS token to pad batches with")
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        with loading("reward.path", path):
             self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
+        if self.model.config.pad_token_id is None:
+            # Qwen2/Llama classifiers score the last non-pad token and refuse a padded batch without a pad id.
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
         disable_dropout(self.model)
         self.model.eval().requires_grad_(False)
         self.max_length = max_length
         self.batch_size = batch_size
+        self.input_format = input_format
+
+    def encode(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
+        """The reward model's right-padded input for a batch, in ``input_format``."""
+        settings = {"padding": True, "truncation": True, "max_length": self.max_length, "return_tensors": "pt"}
+        if self.input_format == "pair":
+            return self.tokenizer(prompts, responses, **settings)
+        texts = [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+            )
+            for prompt, response in zip(prompts, responses, strict=True)
+        ]
+        # The template already holds the special tokens (BOS, turn markers): adding them again would double them.
+        return self.tokenizer(texts, add_special_tokens=False, **settings)
 
     @torch.inference_mode()
     def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         scores = []
         for start in range(0, len(prompts), self.batch_size):
-            batch = self.tokenizer(
-                prompts[start : start + self.batch_size],
-                responses[start : start + self.batch_size],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            ).to(self.model.device)
+            end = start + self.batch_size
+            batch = self.encode(prompts[start:end], responses[start:end]).to(self.model.device)
             scores.append(self.model(**batch).logits[:, 0].float().cpu())
         return torch.cat(scores)
 
@@ -78,10 +112,11 @@ class HTTPReward:
         for start in range(0, len(prompts), self.batch_size):
             batch = {"prompts": prompts[start : start + self.batch_size],
                      "responses": responses[start : start + self.batch_size]}  # fmt: skip
-            scores += self.post(batch)
+            scores += self.post(batch, offset=start)
         return torch.tensor(scores, dtype=torch.float32)
 
-    def post(self, batch: dict[str, list[str]]) -> list[float]:
+    def post(self, batch: dict[str, list[str]], offset: int = 0) -> list[float]:
+        """The scores of one request; ``offset`` is the index of its first response in the call."""
         shown = mask_url(self.url)  # a token in the query string or user info stays out of errors and logs
         request = urllib.request.Request(
             self.url, data=json.dumps(batch).encode(), headers=self.headers, method="POST"
@@ -106,6 +141,13 @@ class HTTPReward:
             raise RuntimeError(
                 f"reward.url={shown!r} returned {len(scores)} scores for {len(batch['prompts'])} responses"
             )
+        for index, score in enumerate(scores):
+            # null, a string or a list would stop the run later with a bare TypeError naming nothing.
+            if isinstance(score, bool) or not isinstance(score, (int, float)):
+                raise RuntimeError(
+                    f"reward.url={shown!r} answered a score that is not a number for response {offset + index}: "
+                    f'{score!r} (expected {{"scores": [number, ...]}}, one per response)'
+                )
         return [float(score) for score in scores]
 
 
@@ -152,7 +194,9 @@ def build_reward(reward, device: torch.device) -> FunctionReward | ClassifierRew
     if reward.kind == "function":
         return FunctionReward(hydra.utils.instantiate(reward.fn))
     if reward.kind == "model":
-        return ClassifierReward(reward.path, reward.max_length, reward.batch_size, device, reward.dtype)
+        return ClassifierReward(
+            reward.path, reward.max_length, reward.batch_size, device, reward.dtype, reward.input_format
+        )
     if reward.kind == "http":
         return HTTPReward(reward.url, reward.timeout, reward.retries, reward.batch_size, dict(reward.headers))
     raise ValueError(f"reward.kind={reward.kind!r}: expected 'function', 'model' or 'http'")

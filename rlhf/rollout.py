@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -56,9 +59,34 @@ def encode_prompts(
     return encoded
 
 
-def action_mask_after_eos(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """(B, A) bool: True up to and including the first EOS of each row (every position if none)."""
-    is_eos = responses == eos_token_id
+def eos_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and each EOS of the model's generation_config
+    (Qwen2.5-Instruct's stops on both ``<|im_end|>`` and ``<|endoftext|>``)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return list(dict.fromkeys([tokenizer.eos_token_id, *configured]))
+
+
+@contextlib.contextmanager
+def neutral_generation_config(model: nn.Module) -> Iterator[None]:
+    """No sampling setting of the checkpoint's generation_config while PPO samples.
+
+    generate() fills every setting we leave unset from the model's generation_config (Qwen2.5 ships
+    top_k=20, top_p=0.8, repetition_penalty=1.05), which would sample from something other than the
+    policy PPO computes log-probs for. The checkpoint's config is put back afterwards: it is what the
+    saved model ships with."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
+    shipped = base.generation_config
+    base.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        base.generation_config = shipped
+
+
+def action_mask_after_eos(responses: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:
+    """(B, A) bool: True up to and including the first EOS (any of the ids) of each row (every position if none)."""
+    is_eos = torch.isin(responses, torch.as_tensor(eos_token_id, device=responses.device))
     # Number of EOS strictly before each position: a position is an action while it is 0.
     eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
     return eos_before == 0
@@ -80,26 +108,28 @@ def generate(
     ``synced``: the actor is sharded over the ranks (FSDP, ZeRO-3), so each of its forwards is a collective;
     every rank keeps stepping until all have finished their responses."""
     encoded = encode_prompts(tokenizer, prompts, max_prompt_length).to(actor.device)
+    eos_ids = eos_token_ids(actor, tokenizer)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
         temperature=temperature if do_sample else None,
         top_k=0 if do_sample else None,
         top_p=1.0 if do_sample else None,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=eos_ids,
         pad_token_id=tokenizer.pad_token_id,
         use_cache=True,
     )
     was_training = actor.training
     actor.eval()
     # (B, P + A') with A' <= max_new_tokens
-    output = actor.generate(**encoded, generation_config=config, synced_gpus=synced)
+    with neutral_generation_config(actor):
+        output = actor.generate(**encoded, generation_config=config, synced_gpus=synced)
     actor.train(was_training)
     num_prompt = encoded["input_ids"].shape[1]
     responses = output[:, num_prompt:]  # (B, A)
-    action_mask = action_mask_after_eos(responses, tokenizer.eos_token_id)
+    action_mask = action_mask_after_eos(responses, eos_ids)
     responses = responses.masked_fill(~action_mask, tokenizer.pad_token_id)
-    has_eos = ((responses == tokenizer.eos_token_id) & action_mask).any(dim=1)
+    has_eos = (torch.isin(responses, torch.as_tensor(eos_ids, device=responses.device)) & action_mask).any(dim=1)
     sequences = torch.cat([encoded["input_ids"], responses], dim=1)
     attention_mask = torch.cat([encoded["attention_mask"], action_mask.long()], dim=1)
     return Samples(

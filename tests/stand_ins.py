@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import string
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,9 +17,19 @@ CHATML = (
 )
 
 
-def save_tiny_qwen(path: Path, pad_token: str | None = "<|endoftext|>") -> Path:
-    """Qwen2ForCausalLM + Qwen2Tokenizer (256 byte tokens + ChatML specials) in one folder, as on the hub."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+def save_tiny_qwen(
+    path: Path,
+    pad_token: str | None = "<|endoftext|>",
+    generation: dict[str, Any] | None = None,
+    uniform: bool = False,
+    **config: Any,
+) -> Path:
+    """Qwen2ForCausalLM + Qwen2Tokenizer (256 byte tokens + ChatML specials) in one folder, as on the hub.
+
+    ``config`` overrides Qwen2Config keys (``attention_dropout=0.1``); ``generation`` is saved as the
+    checkpoint's generation_config (token names in its ``eos_token_id`` list become ids); ``uniform`` zeroes an untied
+    LM head, so every token is sampled with probability 1/V."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
@@ -30,12 +41,27 @@ def save_tiny_qwen(path: Path, pad_token: str | None = "<|endoftext|>") -> Path:
     tokenizer.save_pretrained(path)
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        intermediate_size=64, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        intermediate_size=64, tie_word_embeddings=not uniform, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **config,
     )  # fmt: skip
     torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(path)
+    model = Qwen2ForCausalLM(config)
+    if uniform:
+        torch.nn.init.zeros_(model.lm_head.weight)
+    if generation is not None:
+        names = generation.get("eos_token_id") or []
+        eos = [tokenizer.convert_tokens_to_ids(t) if isinstance(t, str) else t for t in names]
+        model.generation_config = GenerationConfig(**{**generation, "eos_token_id": eos or None})
+    model.save_pretrained(path)
     return path
+
+
+def qwen_token_ids(path: Path) -> dict[str, int]:
+    """Ids of the ChatML specials of a ``save_tiny_qwen`` folder, as its tokenizer gives them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return {name: tokenizer.convert_tokens_to_ids(name) for name in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")}
 
 
 def save_tiny_deberta_reward_model(path: Path, work: Path) -> Path:

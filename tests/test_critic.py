@@ -44,8 +44,9 @@ def test_critic_from_a_checkpoint_path(make_cfg, reward_model_dir):  # noqa: F81
 
 
 def test_critic_on_another_vocabulary_is_refused(make_cfg, tmp_path):
+    # (critic_init=reward_model falls back to the actor instead: tests/test_presets.py)
     rm = save_tiny_deberta_reward_model(tmp_path / "rm", tmp_path / "work")
-    cfg = make_cfg("reward=classifier", f"reward.path={rm}", "model.critic_init=reward_model")
+    cfg = make_cfg("model.critic_init=path", f"model.critic_path={rm}")
     with pytest.raises(ValueError, match="does not share the actor's vocabulary"):
         build_trainer(cfg)
 

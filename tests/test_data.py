@@ -94,3 +94,42 @@ def test_training_on_prompts_from_a_file(make_cfg, tmp_path):
     metrics = trainer.step(train_prompts[:8])
     assert set(trainer.last_samples.prompts) <= set(PROMPTS)
     assert 0.0 <= metrics["objective/scores"] <= 1.0
+
+
+def test_truncate_cuts_non_ascii_prompts_within_the_limit(tmp_path):
+    # Byte-level BPE (Qwen2's): "é" is two tokens; a cut between them decodes to U+FFFD, three bytes that
+    # re-encode longer than the cut, so the kept end must be measured again after decoding.
+    from tests.stand_ins import save_tiny_qwen
+
+    tokenizer = load_tokenizer(str(save_tiny_qwen(tmp_path / "qwen")))
+    prompts = ["Quelle est la différence entre l'été et l'hiver ? Réponds en français, s'il te plaît.",
+               "日本の首都はどこですか？東京ですか、それとも京都ですか？", "Short?"]  # fmt: skip
+    for limit in range(30, 60):
+        fitted = fit_prompt_lengths(tokenizer, prompts, limit, "truncate", "training")
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in fitted]  # fmt: skip
+        lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+        assert max(lengths) <= limit, (limit, fitted)
+        for prompt, kept in zip(prompts, fitted, strict=True):
+            assert "\ufffd" not in kept and prompt.endswith(kept) and kept.strip()
+
+
+def test_max_prompt_length_below_the_template_says_so(tokenizer):
+    # The tiny template takes 3 tokens (<bos><|user|> ... <|assistant|>): 3 leaves no room for the prompt.
+    for policy in ("error", "filter", "truncate"):
+        with pytest.raises(ValueError, match=r"^data.max_prompt_length=3 leaves no room for a prompt: the chat "
+                           r"template alone takes 3 tokens"):  # fmt: skip
+            fit_prompt_lengths(tokenizer, ["1+1=", "2+2="], 3, policy, "training")
+
+
+def test_unreadable_eval_folder_names_eval_path_and_eval_split(tmp_path):
+    # A folder of one file is one split, "train"; data.eval_split defaults to "test".
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": p} for p in PROMPTS])
+    (tmp_path / "eval").mkdir()
+    write_jsonl(tmp_path / "eval" / "prompts.jsonl", [{"prompt": "1+1="}])
+    overrides = ["data=dataset", f"data.path={tmp_path / 'train.jsonl'}", f"data.eval_path={tmp_path / 'eval'}",
+                 f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"^data.eval_path='.*eval' \(split 'test'\) could not be read: .*eval_split"):
+        load_prompts(compose(overrides).data)
+    _, held_out = load_prompts(compose([*overrides, "data.eval_split=train"]).data)
+    assert held_out == ["1+1="]

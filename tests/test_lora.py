@@ -61,3 +61,11 @@ def test_lora_run_saves_the_adapters_only(make_cfg, tmp_path):
     saved = {p.name for p in (tmp_path / "run" / "model").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= saved
     assert "model.safetensors" not in saved
+
+
+def test_lora_dropout_is_refused():
+    # Adapter dropout made the update's forward differ from the rollout's (0.1: ratio_dev_first 0.004-0.08).
+    overrides = ["model.lora.enabled=true", "model.shared_critic=true", "model.lora.dropout=0.05"]
+    with pytest.raises(ConfigError, match=r"^model.lora.dropout=0.05 is not allowed: must be 0: PPO needs the same"):
+        validate(compose(overrides))
+    validate(compose([*overrides[:2], "model.lora.dropout=0"]))

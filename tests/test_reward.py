@@ -109,3 +109,118 @@ def test_normalized_training_rewards_keep_raw_scores_in_metrics(make_cfg):
     raw = metrics["objective/scores"]
     assert 0.0 <= raw <= 1.0
     assert metrics["objective/scores_normalized"] == pytest.approx(10 * raw + 1)
+
+
+def save_qwen_reward_model(path, tokenizer, pad_token_id=None):
+    """A tiny Qwen2ForSequenceClassification beside ``tokenizer``, with the given config pad_token_id."""
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    tokenizer.save_pretrained(path)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64, num_labels=1, pad_token_id=pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    Qwen2ForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
+def test_reward_model_without_a_pad_token_id_scores_padded_batches(tmp_path):
+    # A Qwen2 classifier whose config has no pad_token_id (as many converted checkpoints): it scores the
+    # last non-pad token, so it needs the tokenizer's pad id to find it in a right-padded batch.
+    from rlhf.reward import ClassifierReward
+    from rlhf.tiny import build_tokenizer
+
+    path = save_qwen_reward_model(tmp_path / "rm", build_tokenizer(), pad_token_id=None)
+    reward = ClassifierReward(str(path), max_length=64, batch_size=4, device=torch.device("cpu"))
+    prompts, responses = ["1+1=", "12+13=", "3+4="], ["2", "25 25 25", "7"]
+    batched = reward(prompts, responses)
+    alone = torch.cat([reward([p], [r]) for p, r in zip(prompts, responses, strict=True)])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+
+
+def test_chat_input_format_renders_the_reward_tokenizers_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    from rlhf.reward import ClassifierReward
+    from tests.stand_ins import save_tiny_qwen
+
+    chat_tokenizer = AutoTokenizer.from_pretrained(save_tiny_qwen(tmp_path / "qwen"))
+    path = save_qwen_reward_model(tmp_path / "rm", chat_tokenizer, chat_tokenizer.pad_token_id)
+    reward = ClassifierReward(str(path), 64, 8, torch.device("cpu"), input_format="chat")
+    seen = []
+    reward.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"]), with_kwargs=True)
+    prompts, responses = ["What is 2+3?", "Say hi."], ["5", "Hi there!"]
+    scores = reward(prompts, responses)
+    assert torch.isfinite(scores).all()
+    for ids, mask, prompt, response in zip(seen[0], reward.encode(prompts, responses)["attention_mask"], prompts,
+                                           responses, strict=True):  # fmt: skip
+        text = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n{response}<|im_end|>\n"
+        assert ids[mask.bool()].tolist() == chat_tokenizer(text, add_special_tokens=False)["input_ids"]
+    # The pair format (the default) reads the same texts as a text pair instead.
+    pair = ClassifierReward(str(path), 64, 8, torch.device("cpu"))
+    assert pair.encode(prompts, responses)["input_ids"][0].tolist() != seen[0][0].tolist()
+
+
+def test_chat_input_format_needs_a_chat_template(make_cfg, tmp_path):
+    # The seed's DeBERTa reward model has no chat template: the error names the key, before the model loads.
+    from tests.stand_ins import save_tiny_deberta_reward_model
+
+    rm = save_tiny_deberta_reward_model(tmp_path / "rm", tmp_path / "work")
+    (rm / "model.safetensors").unlink()  # never read: the tokenizer decides first
+    cfg = make_cfg("reward=deberta-v3-large-v2", f"reward.path={rm}", "reward.input_format=chat")
+    with pytest.raises(ValueError, match=r"^reward.input_format=chat needs a reward-model tokenizer with a chat"):
+        build_trainer(cfg)
+
+
+def test_unknown_input_format_is_refused():
+    from rlhf.config import ConfigError, validate
+    from tests.conftest import compose
+
+    with pytest.raises(ConfigError, match=r"^reward.input_format='text' is not allowed: one of pair, chat"):
+        validate(compose(["reward=classifier", "reward.path=x", "reward.input_format=text"]))
+
+
+def test_http_reward_that_is_not_a_number_names_the_url_and_index():
+    import http.server
+    import json
+    import threading
+
+    answers = [[1.0, 2.0], [3.0, None]]  # the second request's second score: response 3 of the call
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (the stdlib's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            payload = json.dumps({"scores": answers.pop(0)}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/score"
+    try:
+        with pytest.raises(RuntimeError, match=rf"^reward.url='{url}' answered a score that is not a number for "
+                           r"response 3: None"):  # fmt: skip
+            HTTPReward(url, timeout=5, retries=0, batch_size=2)(["p"] * 4, ["a"] * 4)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_reward_tokenizer_without_a_pad_token_pads_with_its_eos(tmp_path):
+    from rlhf.reward import ClassifierReward
+    from rlhf.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.pad_token = None
+    path = save_qwen_reward_model(tmp_path / "rm", tokenizer, pad_token_id=None)
+    reward = ClassifierReward(str(path), max_length=64, batch_size=4, device=torch.device("cpu"))
+    assert reward.tokenizer.pad_token == tokenizer.eos_token
+    prompts, responses = ["1+1=", "12+13="], ["2", "25 25 25"]
+    alone = torch.cat([reward([p], [r]) for p, r in zip(prompts, responses, strict=True)])
+    torch.testing.assert_close(reward(prompts, responses), alone, atol=1e-5, rtol=0)
