@@ -461,8 +461,8 @@ def _check_finite(node: Any, key: str) -> None:
 
 
 def _validate_finite(cfg: Any) -> None:
-    # inf and nan pass every range check written as a comparison that nan fails and inf passes (kl.beta=inf
-    # makes every step non-finite and skipped), so every float of the config, wherever it is, is checked once.
+    # inf passes a range check such as `>= 0` (and kl.beta=inf makes every step non-finite, so skipped),
+    # nan fails it with a message that does not say why: every float of the config is checked here once.
     _check_finite(OmegaConf.to_container(cfg, resolve=True), "")
 
 
