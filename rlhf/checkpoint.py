@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -215,7 +215,8 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
         raise ValueError(f"trainer.resume=true but there is no complete checkpoint in {root}")
     latest = checkpoints[-1]
     saved = yaml.safe_load((latest / "config.yaml").read_text())
-    changes = changed_keys(saved, loggable_config(cfg), RESUMABLE_CHANGES)
+    allowed = RESUMABLE_CHANGES + ((SCHEDULE_LENGTH,) if schedule_follows_steps(cfg, saved) else ())
+    changes = changed_keys(saved, loggable_config(cfg), allowed)
     if changes and not cfg.trainer.allow_config_change:
         raise ValueError(
             f"resuming from {latest} with a changed config: "
@@ -229,7 +230,16 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
 
 
 # Config keys that may differ between a checkpoint and the run resuming from it.
-RESUMABLE_CHANGES = (
-    "trainer.steps", "trainer.resume", "trainer.allow_config_change", "logging.progress_bar",
-    "optimizer.scheduler.total_iters",  # follows trainer.steps: the schedule is re-planned over the new total
-)  # fmt: skip
+RESUMABLE_CHANGES = ("trainer.steps", "trainer.resume", "trainer.allow_config_change", "logging.progress_bar")
+# May differ too while it follows trainer.steps (see schedule_follows_steps).
+SCHEDULE_LENGTH = "optimizer.scheduler.total_iters"
+
+
+def schedule_follows_steps(cfg: DictConfig, saved: dict) -> bool:
+    """Whether the LR schedule's length follows trainer.steps, in this run (its default, the
+    interpolation ``${trainer.steps}``) and in the checkpoint (equal to its trainer.steps): the schedule
+    is then re-planned over the new total. Set to a number, a changed length would cut or stretch the
+    schedule mid-run (an LR of 0 from then on), so it counts as a config change."""
+    unresolved = OmegaConf.to_container(cfg.optimizer.scheduler, resolve=False).get("total_iters")
+    saved_length = saved.get("optimizer", {}).get("scheduler", {}).get("total_iters")
+    return unresolved == "${trainer.steps}" and saved_length == saved.get("trainer", {}).get("steps")

@@ -66,6 +66,14 @@ def test_every_key_has_a_comment():
         ("logging.wandb.mode=cloud", "logging.wandb.mode"),
         ("model.dtype=int8", "model.dtype"),
         ("data.num_eval=0", "data.num_eval"),
+        ("kl.beta=inf", "kl.beta"),
+        ("reward.gain=nan", "reward.gain"),
+        ("seed=-1", "seed"),
+        ("optimizer.actor.lr=-1", "optimizer.actor.lr"),
+        ("optimizer.critic.eps=0", "optimizer.critic.eps"),
+        ("optimizer.scheduler.end_factor=2", "optimizer.scheduler.end_factor"),
+        ("data.max_operand=100000", "data.max_operand"),
+        ("model.tiny.intermediate_size=1000000", "model.tiny.intermediate_size"),
     ],
 )
 def test_out_of_range_values_name_the_key(override, key):
@@ -87,6 +95,44 @@ def test_wrong_types_and_unknown_keys_fail_at_composition(override, key):
     with pytest.raises((ConfigCompositionException, OmegaConfBaseException)) as info:
         compose([override])
     assert key in str(info.value) + str(info.value.__cause__)
+
+
+def test_unknown_keys_added_with_plus_are_refused_but_open_maps_stay_open():
+    for override in ("+kl.betta=0.5", "++kl.betta=0.5"):
+        with pytest.raises(ConfigError, match=r"^kl\.betta=0\.5 is not allowed: unknown key.*did you mean kl\.beta\?"):
+            validate(compose([override]))
+    # Any header, any argument of the reward callable and of the optimizers: theirs to accept or refuse.
+    cfg = compose(["+reward.headers.X-Trace=1", "+reward.fn.scale=2", "+optimizer.actor.amsgrad=true"])
+    validate(cfg)
+    optimizer = hydra.utils.instantiate(cfg.optimizer.actor)([torch.nn.Parameter(torch.zeros(2))])
+    assert optimizer.defaults["amsgrad"] is True
+
+
+# What train.py needs before it imports torch to refuse a bad config: compose, then validate.
+NO_TORCH_SCRIPT = """
+import sys, time
+started = time.perf_counter()
+from hydra import compose, initialize_config_dir
+from rlhf.config import ConfigError, register_configs, validate
+register_configs()
+with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
+    cfg = compose(config_name="train", overrides=sys.argv[2:])
+try:
+    validate(cfg)
+except ConfigError as error:
+    print(error)
+print(sorted({"torch", "transformers"} & set(sys.modules)), f"in {time.perf_counter() - started:.2f} s")
+"""
+
+
+def test_config_errors_need_neither_torch_nor_transformers():
+    for override in ("+kl.betta=0.5", "optimizer.scheduler.end_factor=2"):
+        command = [sys.executable, "-c", NO_TORCH_SCRIPT, str(CONF_DIR), override]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+        print(override, "->", result.stdout)  # the time, for the record (-s)
+        error, modules = result.stdout.splitlines()
+        assert error.startswith(override.lstrip("+") + " is not allowed"), result.stderr[-2000:]
+        assert modules.startswith("[] in"), modules
 
 
 def test_adaptive_controller_needs_target():
