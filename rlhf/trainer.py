@@ -404,7 +404,11 @@ def token_debug_rows(samples: Samples, exp: Experience, tokenizer, num_samples: 
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var[returns - values] / Var[returns] over action tokens (1 is perfect, <= 0 is useless)."""
+    """1 - Var[returns - values] / Var[returns] over action tokens (1 is perfect, <= 0 is useless).
+
+    One rollout's figure is ill-conditioned when its returns hardly vary (every answer right, only
+    the KL penalty left): a critic right in expectation then scores far below 0. ``health/explained_var``
+    pools the two variances over several rollouts (``rlhf.health``)."""
     var_returns = masked_var(returns, mask)
     return float(1.0 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8))
 
@@ -428,6 +432,18 @@ def score_metrics(raw_scores: torch.Tensor, scores: torch.Tensor, finite: torch.
     }
 
 
+def value_metrics(*, values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """The critic's (B, A) values against the (B, A) returns over action tokens: explained variance,
+    the two variances it is made of (pooled over rollouts by ``health/explained_var``) and the means."""
+    return {
+        "val/explained_var": explained_variance(values, returns, mask),
+        "val/returns_var": masked_var(returns, mask).item(),
+        "val/residual_var": masked_var(returns - values, mask).item(),
+        "val/values_mean": masked_mean(values, mask).item(),
+        "val/returns_mean": masked_mean(returns, mask).item(),
+    }
+
+
 def rollout_metrics(samples: Samples, exp: Experience, kl_coef: float) -> dict[str, float]:
     """Objective, KL, advantage and rollout statistics of one batch."""
     mask = exp.action_mask
@@ -441,9 +457,7 @@ def rollout_metrics(samples: Samples, exp: Experience, kl_coef: float) -> dict[s
         "objective/kl_coef": kl_coef,
         "objective/entropy": (-exp.old_logprobs * mask).sum(dim=1).mean().item(),
         "objective/neg_kl_frac": ((k1 < 0) & mask).sum().item() / num_tokens.item(),
-        "val/explained_var": explained_variance(exp.old_values, exp.returns, mask),
-        "val/values_mean": masked_mean(exp.old_values, mask).item(),
-        "val/returns_mean": masked_mean(exp.returns, mask).item(),
+        **value_metrics(values=exp.old_values, returns=exp.returns, mask=mask),  # the values before the update
         "adv/mean": masked_mean(exp.advantages, mask).item(),
         "adv/std": masked_var(exp.advantages, mask).sqrt().item(),
         "rollout/response_length": samples.response_length.mean().item(),
