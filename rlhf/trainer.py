@@ -178,7 +178,7 @@ class PPOTrainer:
         self.steps_done += 1
         # 6. metrics
         metrics = rollout_metrics(samples, exp, kl_coef)
-        metrics.update(score_metrics(raw_scores, exp.scores, finite))
+        metrics.update(score_metrics(raw_scores=raw_scores, scores=exp.scores, finite=finite))
         metrics.update(update_stats)
         metrics.update(lr_metrics)
         metrics["objective/kl_coef_next"] = self.kl_controller.value
@@ -413,7 +413,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1.0 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8))
 
 
-def score_metrics(raw_scores: torch.Tensor, scores: torch.Tensor, finite: torch.Tensor) -> dict[str, float]:
+def score_metrics(*, raw_scores: torch.Tensor, scores: torch.Tensor, finite: torch.Tensor) -> dict[str, float]:
     """Mean and std of the rollout's scores over the samples with a finite score: ``objective/scores*``
     in the reward's own units (``raw_scores``, (B,)), ``objective/scores_normalized*`` as trained on
     (``scores``, (B,), after ``reward.normalize`` and ``reward.clip``)."""
