@@ -320,7 +320,7 @@ class TrainerConfig:
     eval_every: int = 25
     # Run directory; null = Hydra's output dir.
     output_dir: str | None = None
-    # The value train() returns to sweepers: final held-out reward - this weight * final KL.
+    # The value train() returns to sweepers: final held-out reward - this weight * final held-out KL.
     objective_kl_weight: float = 0.0
     # Save the trained policy and its tokenizer to <run dir>/model at the end (LoRA: the adapters only).
     save_model: bool = True

@@ -23,6 +23,9 @@ def policy_loss(
     Returns the loss and detached stats: ``clipfrac`` (share of tokens where the clipped term is the
     one taken), ``approx_kl`` (k3 estimate of KL(old || new)), ``ratio`` (mean) and ``ratio_max_dev``
     (max |r - 1|, exactly 0 on the first mini-batch of a step).
+
+    The tokens were sampled from the old policy, so the unbiased k3 estimator of KL(old || new) takes
+    r = new / old: (r - 1) - log r (Schulman 2020, "Approximating KL Divergence").
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
@@ -32,7 +35,7 @@ def policy_loss(
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), action_mask),
-            "approx_kl": masked_mean(torch.expm1(-log_ratio) + log_ratio, action_mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, action_mask),
             "ratio": masked_mean(ratio, action_mask),
             "ratio_max_dev": torch.where(action_mask, (ratio - 1).abs(), torch.zeros_like(ratio)).max(),
         }

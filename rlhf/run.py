@@ -43,18 +43,27 @@ ENGINES = "deepspeed"  # a checkpoint's folder of DeepSpeed engine checkpoints
 
 
 def evaluate(trainer: PPOTrainer, prompts: list[str]) -> dict[str, float]:
-    """Mean reward on held-out prompts, sampled (as trained) and greedy; with several ranks each
+    """Mean reward on held-out prompts, sampled (as trained) and greedy, and ``eval/kl``: the KL to the
+    reference of the sampled responses, the sum over each response's tokens of log pi - log pi_ref
+    (nats per response, as ``objective/kl``), averaged over the responses. With several ranks each
     scores its share of the prompts."""
     dist, prompts = trainer.dist, trainer.dist.shard(prompts)
-    sampled, greedy = (
-        torch.tensor(
-            dist.gather_objects(trainer.score(trainer.generate(prompts, do_sample=do), evaluation=True).tolist())
-        )
-        for do in (True, False)
+    samples = trainer.generate(prompts, do_sample=True)
+    sampled = torch.tensor(dist.gather_objects(trainer.score(samples, evaluation=True).tolist()))
+    was_training = trainer.actor.training
+    trainer.actor.eval()  # as for the rollout's log-probs: no (LoRA) dropout
+    logprobs, ref_logprobs = trainer.policy_logprobs(samples)  # (b, A) each
+    trainer.actor.train(was_training)
+    kl = torch.tensor(dist.gather_objects(((logprobs - ref_logprobs) * samples.action_mask).sum(dim=1).tolist()))
+    greedy = torch.tensor(
+        dist.gather_objects(trainer.score(trainer.generate(prompts, do_sample=False), evaluation=True).tolist())
     )
     # Non-finite scores (kept only with reward.on_nonfinite=mask) stay out of the means.
-    return {"eval/score": sampled[sampled.isfinite()].mean().item(),
-            "eval/score_greedy": greedy[greedy.isfinite()].mean().item()}  # fmt: skip
+    return {
+        "eval/score": sampled[sampled.isfinite()].mean().item(),
+        "eval/score_greedy": greedy[greedy.isfinite()].mean().item(),
+        "eval/kl": kl.mean().item(),
+    }
 
 
 def train(cfg: DictConfig, *, validated: bool = False) -> dict[str, float]:
@@ -270,7 +279,9 @@ def summarize(
     initial: dict[str, float], history: list[dict[str, float]], seconds: float, kl_weight: float
 ) -> dict[str, float]:
     """Final figures of a run (the W&B summary and status.json), and the sweep objective:
-    final held-out reward - kl_weight * final KL. ``history`` holds each step's metrics."""
+    final held-out reward - kl_weight * final held-out KL (``final/eval_kl``: the same prompts and
+    policy as the reward; ``final/kl`` is the last training batch's). ``history`` holds each step's
+    metrics."""
     evals = [m for m in [initial, *history] if "eval/score" in m]
     last = history[-1] if history else {}
     summary = {
@@ -278,6 +289,8 @@ def summarize(
         "initial/eval_score_greedy": initial["eval/score_greedy"],
         "final/eval_score": evals[-1]["eval/score"],
         "final/eval_score_greedy": evals[-1]["eval/score_greedy"],
+        # nan only for a run that had finished before eval/kl was logged and is resumed without new steps
+        "final/eval_kl": evals[-1].get("eval/kl", math.nan),
         "best/eval_score": max(m["eval/score"] for m in evals),
         "final/kl": last.get("objective/kl", 0.0),
         "final/scores": last.get("objective/scores", math.nan),
@@ -285,15 +298,21 @@ def summarize(
         "mean/policy_clipfrac": sum(m["policy/clipfrac"] for m in history) / max(len(history), 1),
         "time/total": seconds,
     }
-    summary["objective"] = summary["final/eval_score"] - kl_weight * summary["final/kl"]
+    summary["objective"] = summary["final/eval_score"] - kl_weight * summary["final/eval_kl"]
     return summary
 
 
 def sample_rows(trainer: PPOTrainer, num: int) -> list[dict]:
-    """(prompt, response, score) of the first ``num`` samples of the last rollout."""
-    samples, exp = trainer.last_samples, trainer.last_experience
+    """(prompt, response, score, score_normalized) of the first ``num`` samples of the last rollout:
+    the score in the reward's own units, and the training reward after ``reward.normalize``/``clip``."""
+    samples, scores, raw = trainer.last_samples, trainer.last_experience.scores, trainer.last_raw_scores
     return [
-        {"prompt": samples.prompts[i], "response": samples.responses[i], "score": exp.scores[i].item()}
+        {
+            "prompt": samples.prompts[i],
+            "response": samples.responses[i],
+            "score": raw[i].item(),
+            "score_normalized": scores[i].item(),
+        }
         for i in range(min(num, len(samples.prompts)))
     ]
 
@@ -302,5 +321,6 @@ def print_summary(summary: dict[str, float], run_dir: Path) -> None:
     print(
         f"held-out reward (sampled): {summary['initial/eval_score']:.3f} -> {summary['final/eval_score']:.3f}; "
         f"greedy: {summary['initial/eval_score_greedy']:.3f} -> {summary['final/eval_score_greedy']:.3f}; "
-        f"KL to reference: {summary['final/kl']:.3f}; wall time {summary['time/total']:.1f} s; run dir {run_dir}"
+        f"KL to reference on the held-out prompts: {summary['final/eval_kl']:.3f} nats per response "
+        f"(last training batch: {summary['final/kl']:.3f}); wall time {summary['time/total']:.1f} s; run dir {run_dir}"
     )

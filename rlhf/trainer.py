@@ -178,9 +178,7 @@ class PPOTrainer:
         self.steps_done += 1
         # 6. metrics
         metrics = rollout_metrics(samples, exp, kl_coef)
-        metrics["objective/scores"] = raw_scores[finite].mean().item()  # in the reward's own units
-        metrics["objective/nonfinite_scores"] = int((~finite).sum())
-        metrics["objective/scores_normalized"] = exp.scores.mean().item()
+        metrics.update(score_metrics(raw_scores=raw_scores, scores=exp.scores, finite=finite))
         metrics.update(update_stats)
         metrics.update(lr_metrics)
         metrics["objective/kl_coef_next"] = self.kl_controller.value
@@ -189,7 +187,8 @@ class PPOTrainer:
         metrics["time/update"] = t3 - t2
         metrics["time/step"] = t3 - t0
         metrics["time/tokens_per_s"] = generated / max(t1 - t0, 1e-9)  # this rank's
-        self.last_samples, self.last_experience = samples, exp
+        # raw_scores: (B,) in the reward's own units, for the samples table (exp.scores are normalised)
+        self.last_samples, self.last_experience, self.last_raw_scores = samples, exp, raw_scores
         return metrics
 
     def gather_rollout(self, samples: Samples, *per_sample: torch.Tensor) -> tuple:
@@ -405,9 +404,44 @@ def token_debug_rows(samples: Samples, exp: Experience, tokenizer, num_samples: 
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var[returns - values] / Var[returns] over action tokens (1 is perfect, <= 0 is useless)."""
+    """1 - Var[returns - values] / Var[returns] over action tokens (1 is perfect, <= 0 is useless).
+
+    One rollout's figure is ill-conditioned when its returns hardly vary (every answer right, only
+    the KL penalty left): a critic right in expectation then scores far below 0. ``health/explained_var``
+    pools the two variances over several rollouts (``rlhf.health``)."""
     var_returns = masked_var(returns, mask)
     return float(1.0 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8))
+
+
+def score_metrics(*, raw_scores: torch.Tensor, scores: torch.Tensor, finite: torch.Tensor) -> dict[str, float]:
+    """Mean and std of the rollout's scores over the samples with a finite score: ``objective/scores*``
+    in the reward's own units (``raw_scores``, (B,)), ``objective/scores_normalized*`` as trained on
+    (``scores``, (B,), after ``reward.normalize`` and ``reward.clip``)."""
+
+    def mean_std(values: torch.Tensor) -> tuple[float, float]:
+        return values.mean().item(), values.std().item() if len(values) > 1 else 0.0
+
+    raw_mean, raw_std = mean_std(raw_scores[finite])
+    normalized_mean, normalized_std = mean_std(scores[finite.to(scores.device)])
+    return {
+        "objective/scores": raw_mean,
+        "objective/scores_std": raw_std,
+        "objective/scores_normalized": normalized_mean,
+        "objective/scores_normalized_std": normalized_std,
+        "objective/nonfinite_scores": int((~finite).sum()),
+    }
+
+
+def value_metrics(*, values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """The critic's (B, A) values against the (B, A) returns over action tokens: explained variance,
+    the two variances it is made of (pooled over rollouts by ``health/explained_var``) and the means."""
+    return {
+        "val/explained_var": explained_variance(values, returns, mask),
+        "val/returns_var": masked_var(returns, mask).item(),
+        "val/residual_var": masked_var(returns - values, mask).item(),
+        "val/values_mean": masked_mean(values, mask).item(),
+        "val/returns_mean": masked_mean(returns, mask).item(),
+    }
 
 
 def rollout_metrics(samples: Samples, exp: Experience, kl_coef: float) -> dict[str, float]:
@@ -416,8 +450,6 @@ def rollout_metrics(samples: Samples, exp: Experience, kl_coef: float) -> dict[s
     k1 = (exp.old_logprobs - exp.ref_logprobs) * mask
     num_tokens = mask.sum().clamp(min=1)
     return {
-        "objective/scores": exp.scores.mean().item(),
-        "objective/scores_std": exp.scores.std().item() if len(exp.scores) > 1 else 0.0,
         "objective/rlhf_reward": exp.rewards.sum(dim=1).mean().item(),
         "objective/kl": k1.sum(dim=1).mean().item(),
         "objective/kl_per_token": (k1.sum() / num_tokens).item(),
@@ -425,9 +457,7 @@ def rollout_metrics(samples: Samples, exp: Experience, kl_coef: float) -> dict[s
         "objective/kl_coef": kl_coef,
         "objective/entropy": (-exp.old_logprobs * mask).sum(dim=1).mean().item(),
         "objective/neg_kl_frac": ((k1 < 0) & mask).sum().item() / num_tokens.item(),
-        "val/explained_var": explained_variance(exp.old_values, exp.returns, mask),
-        "val/values_mean": masked_mean(exp.old_values, mask).item(),
-        "val/returns_mean": masked_mean(exp.returns, mask).item(),
+        **value_metrics(values=exp.old_values, returns=exp.returns, mask=mask),  # the values before the update
         "adv/mean": masked_mean(exp.advantages, mask).item(),
         "adv/std": masked_var(exp.advantages, mask).sqrt().item(),
         "rollout/response_length": samples.response_length.mean().item(),

@@ -72,6 +72,23 @@ def test_ratio_one_gives_minus_mean_advantage_and_no_clipping():
     assert stats["approx_kl"].item() == 0.0
 
 
+def test_approx_kl_is_unbiased_for_kl_old_new_on_old_policy_samples():
+    # The update's tokens were sampled from pi_old: the mean of approx_kl over them must estimate
+    # KL(pi_old || pi) = sum_a p_old(a) log(p_old(a) / p_new(a)), here for a large change of policy:
+    # 0.6 ln 3 + 0.3 ln 0.6 + 0.1 ln(1/3) = 0.3961. (The reversed k3, 1/r - 1 + log r, has mean
+    # sum p_old^2 / p_new - 1 - KL = 2.0133 - 1 - 0.3961 = 0.617 here.)
+    p_old = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+    p_new = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    exact = (p_old * (p_old / p_new).log()).sum().item()
+    assert exact == pytest.approx(0.3961, abs=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.multinomial(p_old, 200_000, replacement=True, generator=gen).view(400, 500)
+    logprobs, old_logprobs = p_new.log()[tokens], p_old.log()[tokens]
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    _, stats = policy_loss(logprobs, old_logprobs, torch.zeros_like(logprobs), mask, EPS)
+    assert stats["approx_kl"].item() == pytest.approx(exact, rel=0.02)
+
+
 def test_masked_positions_do_not_affect_the_losses():
     gen = torch.Generator().manual_seed(2)
     mask = ragged_mask([2, 4, 0], 4)

@@ -106,10 +106,10 @@ def test_optuna_sweeper_maximises_what_train_returns(tmp_path, tiny_cache):
     sweep_dir = tmp_path / "sweep"
     result = sweep(sweep_dir, "sweep=optuna", "hydra.sweeper.n_trials=2", *TINY, "logging.wandb.mode=disabled")
     objectives = [json.loads((sweep_dir / j / "status.json").read_text())["summary"]["objective"] for j in "01"]
-    # The sweep config weighs KL at 0.05: objective = final reward - 0.05 * final KL.
+    # The sweep config weighs KL at 0.05: objective = final held-out reward - 0.05 * final held-out KL.
     for job, objective in zip("01", objectives, strict=True):
         summary = json.loads((sweep_dir / job / "status.json").read_text())["summary"]
-        assert objective == pytest.approx(summary["final/eval_score"] - 0.05 * summary["final/kl"])
+        assert objective == pytest.approx(summary["final/eval_score"] - 0.05 * summary["final/eval_kl"])
     assert f"Best value: {max(objectives)}" in result.stdout + result.stderr
 
 

@@ -136,6 +136,32 @@ def test_train_logs_metrics_file_and_offline_wandb_run(make_cfg, tmp_path):
     assert tables[0]["samples.nrows"] == 8
 
 
+def test_eval_kl_is_the_summed_log_ratio_of_the_held_out_samples(make_cfg):
+    # eval/kl = mean over held-out responses of sum_t (log pi - log pi_ref), recomputed here from the same
+    # samples (same seed) with a naive per-position log_softmax of each model.
+    from rlhf.run import evaluate
+
+    trainer, train_prompts, eval_prompts = build_trainer(make_cfg("rollout.batch_size=16"))
+    trainer.step(train_prompts[:16])  # the actor moves away from the reference
+    torch.manual_seed(123)
+    metrics = evaluate(trainer, eval_prompts[:16])
+    torch.manual_seed(123)
+    samples = trainer.generate(eval_prompts[:16])
+    num_actions = samples.num_actions
+    totals = torch.zeros(16, dtype=torch.float64)
+    with torch.no_grad():
+        for model, sign in ((trainer.actor, 1.0), (trainer.reference, -1.0)):
+            logits = model(input_ids=samples.sequences, attention_mask=samples.attention_mask,
+                           position_ids=(samples.attention_mask.cumsum(1) - 1).clamp(min=0)).logits  # fmt: skip
+            for i in range(16):
+                for t in range(int(samples.action_mask[i].sum())):
+                    position = samples.sequences.shape[1] - num_actions + t  # the token; predicted at position - 1
+                    logp = torch.log_softmax(logits[i, position - 1].double(), dim=-1)
+                    totals[i] += sign * logp[samples.sequences[i, position]]
+    assert totals.abs().sum() > 0, "the actor should have moved"
+    assert metrics["eval/kl"] == pytest.approx(totals.mean().item(), abs=1e-5)
+
+
 @pytest.mark.slow
 def test_default_task_reward_rises(make_cfg):
     # The default config (only shortened), W&B off: training reward of the last 10 steps beats the first 10.
@@ -177,5 +203,43 @@ def test_command_line_run_writes_hydra_dir_metrics_and_named_wandb_run(tiny_cach
     assert (run_dir / ".hydra" / "overrides.yaml").exists()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1, 2]
+    # The KL printed and summarised beside the held-out reward is measured on the held-out responses
+    # (0 for the reference itself at step 0); the training batch's KL keeps its own name.
+    summary = json.loads((run_dir / "status.json").read_text())["summary"]
+    assert rows[0]["eval/kl"] == 0.0
+    assert summary["final/eval_kl"] == rows[2]["eval/kl"] and summary["final/kl"] == rows[2]["objective/kl"]
+    assert (
+        f"KL to reference on the held-out prompts: {summary['final/eval_kl']:.3f} nats per response "
+        f"(last training batch: {summary['final/kl']:.3f})" in result.stdout
+    )
     run_record = next(r for r in wandb_inspect(run_dir) if r.get("type") == "run")["run"]
     assert run_record["display_name"] == ",".join(overrides)
+
+
+def test_normalized_run_logs_raw_scores_and_keeps_normalized_ones_apart(tiny_cache, tmp_path):
+    # reward.normalize=fixed trains on 2 * score + 1; objective/scores(_std) and the samples table's
+    # score column stay in the reward function's units, the training rewards have their own names.
+    import statistics
+
+    from rlhf.tasks.arithmetic import exact_match_reward
+
+    run_dir = tmp_path / "normalized"
+    result = subprocess.run(
+        [sys.executable, "train.py", "trainer.steps=1", "rollout.batch_size=8", "ppo.minibatch_size=4",
+         "ppo.epochs=1", "reward.normalize=fixed", "reward.gain=2", "reward.bias=1", "logging.num_samples=8",
+         "logging.wandb.mode=disabled", "logging.progress_bar=false", f"model.cache_dir={tiny_cache}",
+         f"hydra.run.dir={run_dir}"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 8  # the whole batch of step 1
+    raw = exact_match_reward([row["prompt"] for row in rows], [row["response"] for row in rows])
+    assert [row["score"] for row in rows] == raw
+    assert [row["score_normalized"] for row in rows] == [2 * score + 1 for score in raw]
+    assert 0 < sum(raw) < 8, "the batch must mix right and wrong answers for the std to tell raw from normalized"
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1]
+    assert metrics["objective/scores"] == pytest.approx(statistics.mean(raw))
+    assert metrics["objective/scores_std"] == pytest.approx(statistics.stdev(raw))
+    assert metrics["objective/scores_normalized"] == pytest.approx(2 * statistics.mean(raw) + 1)
+    assert metrics["objective/scores_normalized_std"] == pytest.approx(2 * statistics.stdev(raw))
