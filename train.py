@@ -14,6 +14,7 @@ builds anything: see rlhf/overrides.py.
 
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -33,6 +34,6 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     # Before Hydra reads sys.argv: it builds hydra.callbacks and sets hydra.job.env_set before main() runs.
-    sys.argv = [sys.argv[0], *checked_argv(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *checked_argv(sys.argv[1:], conf_dir=Path(__file__).parent / "conf")]
     sys.argv += launch_overrides(sys.argv[1:], os.environ)  # under torchrun / accelerate launch
     main()

@@ -442,6 +442,25 @@ def _check_known(node: dict, schema: type, prefix: str) -> None:
             _check_known(value, fields[key], f"{prefix}{key}.")
 
 
+def check_override_key(key: str, value: Any, conf_dir: Path | None = None) -> None:
+    """Refuse a command-line override of a key the schema lacks, or a config group option that
+    ``conf_dir`` lacks, with the closest known name ("did you mean kl.beta?"). Hydra's own message for
+    ``kl.betta=0.1`` suggests ``+kl.betta=0.1``, which would add a key that nothing reads."""
+    group = conf_dir / key if conf_dir is not None and "." not in key else None
+    if group is not None and group.is_dir():
+        options = sorted(path.stem for path in group.glob("*.yaml"))
+        for choice in value if isinstance(value, list) else [value]:
+            if isinstance(choice, str) and choice not in options:
+                close = difflib.get_close_matches(choice, options, n=1)
+                hint = f"did you mean {key}={close[0]}? " if close else ""
+                _check(False, key, choice, f"no such option of the config group {key}: {hint}options: {options}")
+        return
+    node: Any = value
+    for part in reversed(key.split(".")):
+        node = {part: node}
+    _check_known(node, TrainConfig, "")
+
+
 def _validate_known_keys(cfg: Any) -> None:
     # OmegaConf's struct mode refuses `kl.betta=1`, but `+kl.betta=1` and `++kl.betta=1` add the key:
     # walk the unresolved config (a value from ${oc.env:...} shows as its interpolation, never its text).

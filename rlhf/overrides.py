@@ -31,6 +31,7 @@ import re
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -39,6 +40,8 @@ from hydra.errors import HydraException
 from omegaconf import grammar_parser
 from omegaconf.errors import GrammarParseError
 from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
+
+from rlhf.config import ConfigError, check_override_key
 
 ALLOW_TARGET_FLAG = "--allow-target"
 # The project's reward functions (conf/reward/arithmetic.yaml names rlhf.tasks.arithmetic).
@@ -94,19 +97,48 @@ def split_allow_targets(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return rest, modules
 
 
-def checked_argv(argv: Sequence[str]) -> list[str]:
+def checked_argv(argv: Sequence[str], *, conf_dir: Path | None = None) -> list[str]:
     """``argv`` (without ``sys.argv[0]``) less ``--allow-target`` flags, once its overrides passed
-    ``check_overrides``; a refusal exits with status 2 and the reasons, before anything is built."""
+    ``check_overrides``; a refusal exits with status 2 and the reasons, before anything is built.
+    Then each override's key must be one of the schema's and each group option a file of ``conf_dir``
+    (``check_keys``): ``error: ...`` and status 2 otherwise."""
     try:
         rest, modules = split_allow_targets(argv)
         # Hydra's own split of flags and overrides (it exits on an unknown flag, as Hydra would).
         from hydra._internal.utils import get_args_parser
 
-        check_overrides(get_args_parser().parse_args(rest).overrides, allowed_modules=modules)
+        args = get_args_parser().parse_args(rest)
+        check_overrides(args.overrides, allowed_modules=modules)
     except OverrideRefused as refused:
         print(f"Command-line override refused (nothing was run):\n{refused}", file=sys.stderr)
         raise SystemExit(2) from None
+    try:
+        # Other config dirs may hold other group options: only the schema's keys are checked then.
+        check_keys(args.overrides, conf_dir=None if args.config_dir else conf_dir)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     return rest
+
+
+def check_keys(overrides: Sequence[str], *, conf_dir: Path | None = None) -> None:
+    """Raise ``ConfigError`` for the first override of a key the schema lacks or of a config group
+    option that is not a file of ``conf_dir`` (``rlhf.config.check_override_key``). Hydra's own keys,
+    deletions and overrides of a group's path (``hydra/launcher=joblib``) are Hydra's to check."""
+    parsed = [OverridesParser.create().parse_override(line) for line in overrides]
+    if any(o.key_or_group.startswith("hydra.searchpath") for o in parsed):
+        conf_dir = None
+    for override in parsed:
+        key = override.key_or_group
+        if key.split(".")[0].split("/")[0] == "hydra" or "/" in key or override.is_delete():
+            continue
+        if isinstance(override._value, ChoiceSweep):
+            value: Any = [v for v in override._value.list if isinstance(v, str)]
+        elif override.is_sweep_override():
+            continue  # range/interval sweeps: numbers, checked once composed
+        else:
+            value = override.value()
+        check_override_key(key, value, conf_dir)
 
 
 def check_overrides(overrides: Sequence[str], *, allowed_modules: Sequence[str] = ()) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -169,3 +170,33 @@ def test_loggable_config_redacts_values_read_from_the_environment(monkeypatch):
     assert logged["logging"]["wandb"]["entity"] == "<env REWARD_API_TOKEN>"
     assert logged["optimizer"]["scheduler"]["total_iters"] == 7  # other interpolations are resolved
     assert "s3cret" not in str(logged)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["kl.betta=0.1"], "error: kl.betta=0.1 is not allowed: unknown key .*did you mean kl.beta\\?"),
+        (["+ppo.clip=0.1"], "error: ppo.clip=0.1 is not allowed: unknown key .*did you mean ppo.clip_eps\\?"),
+        (["kl=adaptve"], "error: kl='adaptve' is not allowed: no such option .*did you mean kl=adaptive\\?"),
+        (["-m", "kl=fixed,adaptve"], "did you mean kl=adaptive\\?"),
+    ],
+)
+def test_misspelt_keys_and_options_get_a_did_you_mean_before_hydra_runs(overrides, message, tmp_path):
+    # Hydra itself answers `kl.betta=0.1` with "use +kl.betta=0.1": a key nothing reads.
+    result = subprocess.run(
+        [sys.executable, "train.py", *overrides, f"hydra.run.dir={tmp_path}", f"hydra.sweep.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert re.search(message, result.stderr), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())  # refused before Hydra made a run dir
+
+
+def test_keys_of_open_maps_and_group_paths_pass_the_key_check():
+    from rlhf.overrides import check_keys
+
+    conf = REPO / "conf"
+    check_keys(["+reward.headers.X-Trace=1", "+reward.fn.scale=2", "optimizer.actor.lr=1e-4"], conf_dir=conf)
+    check_keys(["hydra/launcher=joblib", "experiment=ppo_max", "kl=fixed,adaptive", "~kl.target"], conf_dir=conf)
+    check_keys(["model=my_own_model"], conf_dir=None)  # options from another --config-dir: not checked
