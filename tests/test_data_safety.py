@@ -99,8 +99,6 @@ def damage_floats(path: Path) -> None:
 
 
 def test_damaged_weights_fall_back_to_the_previous_checkpoint(finished, tmp_path):
-    from rlhf.checkpoint import damage
-
     run_dir = copy_of(finished, tmp_path)
     previous, latest = complete_checkpoints(run_dir / "checkpoints")
     damage_floats(latest / "actor.safetensors")
@@ -112,6 +110,8 @@ def test_damaged_weights_fall_back_to_the_previous_checkpoint(finished, tmp_path
     assert sorted(metrics(run_dir)) == [0, 1, 2, 3]
     assert [row["step"] for row in map(json.loads, (run_dir / "metrics.jsonl").open())] == [0, 1, 2, 3]
     # The run wrote step 2 again over the damaged checkpoint: a later resume finds it intact.
+    from rlhf.checkpoint import damage
+
     assert damage(latest) is None
 
 
