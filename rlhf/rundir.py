@@ -26,7 +26,8 @@ class RunDirLocked(RuntimeError):
 def locked_run_dir(run_dir: Path) -> Iterator[Path]:
     """Hold the run dir's lock for the block (rank 0 of a multi-process launch, or the only process);
     raises ``RunDirLocked`` naming the holder's pid at once if another process holds it."""
-    if int(os.environ.get("RANK", "0")) != 0:  # set by torchrun / accelerate launch; read before any model loads
+    # torchrun and accelerate launch set these; read from the environment, before any process group exists.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
         yield run_dir
         return
     run_dir.mkdir(parents=True, exist_ok=True)
