@@ -138,6 +138,24 @@ def test_damaged_optimizer_state_in_every_checkpoint_stops_naming_the_file(tmp_p
     assert "holds no checksums" in caplog.text
 
 
+def test_every_file_of_a_deepspeed_folder_is_checked(tmp_path):
+    from rlhf.checkpoint import damage
+
+    engines = tmp_path / ".engines"
+    (engines / "actor").mkdir(parents=True)
+    shard = engines / "actor" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    torch.save({"exp_avg": torch.zeros(400)}, shard)
+    path = save_checkpoint(tmp_path / "checkpoints", 1, {}, {"step": 1}, "a: 1\n", 1, folders={"deepspeed": engines})
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert "deepspeed/actor/zero_pp_rank_1_mp_rank_00_optim_states.pt" in manifest["sha256"]
+    assert damage(path) is None
+    shard = path / "deepspeed" / "actor" / shard.name
+    shard.write_bytes(shard.read_bytes()[:-8] + b"\x00" * 8)
+    assert damage(path) == f"{shard} is damaged (its sha256 differs from the one in {MANIFEST})"
+    shard.unlink()
+    assert damage(path) == f"{shard} is missing"
+
+
 # Holds the run dir's lock until killed.
 HOLDER = textwrap.dedent("""
     import sys, time
