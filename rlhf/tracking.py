@@ -112,8 +112,11 @@ class Tracker:
             return
         log.warning(
             "W&B run %s lacks steps %d..%d (the run was killed before W&B wrote them): logging them again from %s",
-            self.run.id, missing[0], missing[-1], self.run_dir,
-        )  # fmt: skip
+            self.run.id,
+            missing[0],
+            missing[-1],
+            self.run_dir,
+        )
         tables = {name: rows[self.run_dir / f"{name}.jsonl"] for name in TABLES}
         for row in rows[self.metrics_path]:
             step = row["step"]
