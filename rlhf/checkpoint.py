@@ -236,9 +236,25 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def newest_intact(checkpoints: list[Path]) -> Path:
+    """The newest of ``checkpoints`` (oldest first) whose files are intact, with a warning naming each
+    damaged file passed over; ``ValueError`` naming them when none is intact."""
+    problems = []
+    for checkpoint in reversed(checkpoints):
+        problem = damage(checkpoint)
+        if problem is None:
+            if problems:
+                log.warning("resuming from %s, the newest intact checkpoint", checkpoint)
+            return checkpoint
+        log.warning("%s: checkpoint %s is not used", problem, checkpoint.name)
+        problems.append(problem)
+    raise ValueError(f"no intact checkpoint to resume from: {'; '.join(problems)}. Restore the file, or start anew")
+
+
 def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from (``trainer.resume``), after checking that the config has not
-    changed but for ``RESUMABLE_CHANGES``. Raises ``ValueError`` naming the directory or the keys."""
+    """The checkpoint to continue from (``trainer.resume``): the newest intact one (``newest_intact``),
+    after checking that the config has not changed but for ``RESUMABLE_CHANGES``. Raises
+    ``ValueError`` naming the directory, the damaged files or the keys."""
     mode = str(cfg.trainer.resume).lower()
     root = run_dir / "checkpoints"
     checkpoints = complete_checkpoints(root)
@@ -265,21 +281,6 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
     if cfg.trainer.steps < step:
         raise ValueError(f"trainer.steps={cfg.trainer.steps} is below step {step} of the checkpoint {latest}")
     return latest
-
-
-def newest_intact(checkpoints: list[Path]) -> Path:
-    """The newest of ``checkpoints`` (oldest first) whose files are intact, with a warning naming each
-    damaged file passed over; ``ValueError`` naming them when none is intact."""
-    problems = []
-    for checkpoint in reversed(checkpoints):
-        problem = damage(checkpoint)
-        if problem is None:
-            if problems:
-                log.warning("resuming from %s, the newest intact checkpoint", checkpoint)
-            return checkpoint
-        log.warning("%s: checkpoint %s is not used", problem, checkpoint.name)
-        problems.append(problem)
-    raise ValueError(f"no intact checkpoint to resume from: {'; '.join(problems)}. Restore the file, or start anew")
 
 
 # Config keys that may differ between a checkpoint and the run resuming from it.
