@@ -3,16 +3,19 @@
 A checkpoint is a folder ``<run dir>/checkpoints/step-<N>/`` with the models' weights (safetensors),
 ``state.pt`` (optimizers, schedulers, counters, RNG states: plain tensors and Python values, read
 with ``torch.load(weights_only=True)``), ``config.yaml`` (the resolved config, values from the
-environment redacted) and ``manifest.json``, written last. It is assembled in a staging folder next
-to it and renamed into place in one step, so a crash or kill during a save never leaves a half
-checkpoint where a complete one is expected; old
-checkpoints are deleted only after the new one is complete, each first renamed out of the
-``step-*`` namespace so that a kill during the deletion never leaves a checkpoint with missing files.
+environment redacted) and ``manifest.json``, written last, with the sha256 of every other file: a
+resume passes over a checkpoint whose bytes changed since (``newest_intact``). It is assembled in a
+staging folder next to it and renamed into place in one step, so a crash or kill during a save never
+leaves a half checkpoint where a complete one is expected; old checkpoints are deleted only after
+the new one is complete, each first renamed out of the ``step-*`` namespace so that a kill during
+the deletion never leaves a checkpoint with missing files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import platform
 import random
@@ -30,6 +33,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rlhf.config import loggable_config
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "wandb", "accelerate", "peft", "rlhf")
@@ -117,7 +122,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(root, step)
     folders = folders or {}
-    if (final / MANIFEST).exists():
+    if (final / MANIFEST).exists() and damage(final) is None:
         for folder in folders.values():
             shutil.rmtree(folder)
         return final
@@ -134,7 +139,16 @@ def save_checkpoint(
         folder.rename(staging / name)
         files[name] = f"{name}/"
     files.update(state="state.pt", config="config.yaml")
-    manifest = {"step": step, "files": files, "versions": _versions(), "git_revision": _git_revision()}
+    # Every file's sha256 (DeepSpeed's folders too): a resume checks them and passes over a damaged checkpoint.
+    stored = sorted(path for path in staging.rglob("*") if path.is_file())
+    checksums = {path.relative_to(staging).as_posix(): _sha256(path) for path in stored}
+    manifest = {
+        "step": step,
+        "files": files,
+        "sha256": checksums,
+        "versions": _versions(),
+        "git_revision": _git_revision(),
+    }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for path in staging.rglob("*"):
         if path.is_file():
@@ -147,6 +161,31 @@ def save_checkpoint(
     for old in complete_checkpoints(root)[:-keep_last]:
         _remove(old)
     return final
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with the files of checkpoint ``path`` (a file missing, or its bytes not those
+    whose sha256 the manifest holds), naming the file; None when every file is intact. A checkpoint
+    written before checksums were stored is taken as it is, with a warning."""
+    checksums = json.loads((path / MANIFEST).read_text()).get("sha256")
+    if checksums is None:
+        log.warning("%s holds no checksums (written by an older version): its files are not verified", path)
+        return None
+    for name, expected in checksums.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if _sha256(file) != expected:
+            return f"{file} is damaged (its sha256 differs from the one in {MANIFEST})"
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -197,9 +236,25 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def newest_intact(checkpoints: list[Path]) -> Path:
+    """The newest of ``checkpoints`` (oldest first) whose files are intact, with a warning naming each
+    damaged file passed over; ``ValueError`` naming them when none is intact."""
+    problems = []
+    for checkpoint in reversed(checkpoints):
+        problem = damage(checkpoint)
+        if problem is None:
+            if problems:
+                log.warning("resuming from %s, the newest intact checkpoint", checkpoint)
+            return checkpoint
+        log.warning("%s: checkpoint %s is not used", problem, checkpoint.name)
+        problems.append(problem)
+    raise ValueError(f"no intact checkpoint to resume from: {'; '.join(problems)}. Restore the file, or start anew")
+
+
 def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from (``trainer.resume``), after checking that the config has not
-    changed but for ``RESUMABLE_CHANGES``. Raises ``ValueError`` naming the directory or the keys."""
+    """The checkpoint to continue from (``trainer.resume``): the newest intact one (``newest_intact``),
+    after checking that the config has not changed but for ``RESUMABLE_CHANGES``. Raises
+    ``ValueError`` naming the directory, the damaged files or the keys."""
     mode = str(cfg.trainer.resume).lower()
     root = run_dir / "checkpoints"
     checkpoints = complete_checkpoints(root)
@@ -213,7 +268,7 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
         return None
     if not checkpoints:
         raise ValueError(f"trainer.resume=true but there is no complete checkpoint in {root}")
-    latest = checkpoints[-1]
+    latest = newest_intact(checkpoints)
     saved = yaml.safe_load((latest / "config.yaml").read_text())
     allowed = RESUMABLE_CHANGES + ((SCHEDULE_LENGTH,) if schedule_follows_steps(cfg, saved) else ())
     changes = changed_keys(saved, loggable_config(cfg), allowed)

@@ -33,6 +33,7 @@ from rlhf.config import loggable_config, validate
 from rlhf.data import PromptSampler
 from rlhf.health import HealthMonitor
 from rlhf.job import group_of, run_dir_of, run_name_of, write_status
+from rlhf.rundir import locked_run_dir
 from rlhf.signals import RunInterrupted, StopSignals
 from rlhf.tracking import NullTracker, Tracker
 from rlhf.trainer import PPOTrainer, token_debug_rows
@@ -74,6 +75,11 @@ def train(cfg: DictConfig, *, validated: bool = False) -> dict[str, float]:
     if not validated:
         validate(cfg)
     run_dir = run_dir_of(cfg)
+    with locked_run_dir(run_dir):  # one run at a time in a run dir, from before anything is read or written
+        return _train(cfg, run_dir, started)
+
+
+def _train(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, float]:
     resume_from = find_resume_checkpoint(cfg, run_dir)
     trainer, train_prompts, eval_prompts = build_trainer(cfg)
     dist = trainer.dist
