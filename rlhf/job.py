@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf.config import ConfigError, loggable_config, validate
 from rlhf.redact import Redactor, env_names, redact_env
+from rlhf.rundir import RunDirLocked, locked_run_dir
 from rlhf.signals import RunInterrupted, StoppedAtOnce, stop_at_once
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,21 @@ def run_job(cfg: DictConfig) -> float:
 
 
 def _run(cfg: DictConfig, redactor: Redactor) -> float:
-    run_dir, main = run_dir_of(cfg), is_main_process()
+    run_dir = run_dir_of(cfg)
+    try:
+        # Before status.json is written: a second run in a run dir in use must not touch the first's files.
+        with locked_run_dir(run_dir):
+            return _run_locked(cfg, run_dir, redactor)
+    except RunDirLocked as error:
+        if is_multirun():
+            log.error("job failed: %s; the sweep goes on", error)
+            return math.nan
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _run_locked(cfg: DictConfig, run_dir: Path, redactor: Redactor) -> float:
+    main = is_main_process()
     try:
         validate(cfg)  # before torch and transformers are imported: a bad value fails in a second
     except ConfigError as error:

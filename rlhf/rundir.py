@@ -16,6 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 LOCK_FILE = ".lock"
+# Run dirs this process holds: the job wrapper takes the lock before it writes status.json, and
+# train() (also called directly) takes it again; a second flock from the same process would block.
+_HELD: set[Path] = set()
 
 
 class RunDirLocked(RuntimeError):
@@ -28,6 +31,10 @@ def locked_run_dir(run_dir: Path) -> Iterator[Path]:
     raises ``RunDirLocked`` naming the holder's pid at once if another process holds it."""
     # torchrun and accelerate launch set these; read from the environment, before any process group exists.
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        yield run_dir
+        return
+    key = run_dir.resolve()
+    if key in _HELD:
         yield run_dir
         return
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -44,9 +51,11 @@ def locked_run_dir(run_dir: Path) -> Iterator[Path]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD.add(key)
         try:
             yield run_dir
         finally:
+            _HELD.discard(key)
             os.ftruncate(fd, 0)  # still held here: no other run's pid is erased
     finally:
         os.close(fd)  # releases the lock

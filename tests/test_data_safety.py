@@ -29,7 +29,7 @@ from tests.test_resume import cli, metrics
 FAST = ["trainer.steps=2", "ppo.epochs=1", "trainer.save_every=1"]
 SIGNALLING = [
     "optimizer.actor._target_=tests.signalling.SignallingAdamW",
-    "trainer.allowed_targets=[tests.signalling.]",
+    "--allow-target=tests.signalling",
 ]
 
 
@@ -203,7 +203,7 @@ def test_a_run_killed_with_sigkill_and_resumed_has_every_step_once_in_wandb(tmp_
     run_dir = tmp_path / "run"
     signalling = [
         "optimizer.actor._target_=tests.signalling.SignallingAdamW",
-        "trainer.allowed_targets=[tests.signalling.]",
+        "--allow-target=tests.signalling",
     ]
     killed_run = ["trainer.steps=6", "ppo.epochs=1", "trainer.save_every=1", *signalling]
     # 2 actor optimizer steps per PPO step: step 9 is inside PPO step 5, after the checkpoint of step 4.
