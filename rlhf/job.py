@@ -129,6 +129,15 @@ def config_line() -> str | None:
     return f"config: {groups} | overrides: {' '.join(redact_env(o) for o in keys) or 'none'}"
 
 
+def shares_console() -> bool:
+    """Whether other jobs of the sweep write to this console at the same time (the joblib launcher
+    running more than one job at once), where their progress bars would overwrite each other."""
+    if not is_multirun():
+        return False
+    launcher = HydraConfig.get().launcher
+    return "joblib" in str(launcher.get("_target_", "")) and launcher.get("n_jobs", 1) != 1
+
+
 def run_job(cfg: DictConfig) -> float:
     """Validate, train and return the sweep objective, keeping ``status.json`` true; a failed job of
     a multirun returns NaN instead of raising. Nothing it writes or logs holds a value read from the
