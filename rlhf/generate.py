@@ -101,13 +101,18 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch  # seconds: after the arguments and files are checked
 
-    from rlhf.data import load_prompts
+    from rlhf.data import fit_prompt_lengths, load_prompts
     from rlhf.reward import build_reward
     from rlhf.rollout import generate
 
     torch.manual_seed(cfg.seed)
-    prompts = args.prompts or load_prompts(cfg.data)[1][: args.num]
     actor, tokenizer = load_policy(cfg, weights, args.checkpoint is not None)
+    prompts = args.prompts
+    if not prompts:  # the held-out prompts as training evaluated them (data.overlong applied)
+        data = cfg.data
+        held_out = load_prompts(data)[1]
+        prompts = fit_prompt_lengths(tokenizer, held_out, data.max_prompt_length, data.overlong, "held-out")
+        prompts = prompts[: args.num]
     reward = build_reward(cfg.reward, torch.device("cpu"))
     temperature = args.temperature or cfg.rollout.temperature
     max_new_tokens = args.max_new_tokens or cfg.rollout.max_new_tokens
