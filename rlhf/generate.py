@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 MODEL_DIR = "model"
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
+ADAPTER_CONFIG = "adapter_config.json"  # a LoRA run's model/ holds its adapters only
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -36,6 +37,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error(f"--num must be at least 1, got {args.num}")
+    empty = [i for i, prompt in enumerate(args.prompts) if not prompt.strip()]
+    if empty:
+        parser.error(f"prompt {empty[0]} is empty")
     if args.temperature is not None and args.temperature <= 0:
         parser.error(f"--temperature must be > 0, got {args.temperature} (use --greedy for greedy decoding)")
     return args
@@ -50,15 +54,16 @@ def find_weights(run_dir: Path, checkpoint: Path | None) -> tuple[Path, Path]:
     if not run_dir.is_dir():
         raise SystemExit(f"error: {run_dir} is not a directory")
     config = run_dir / HYDRA_CONFIG
-    if (run_dir / MODEL_DIR / "config.json").is_file():
+    model = run_dir / MODEL_DIR
+    if (model / "config.json").is_file() or (model / ADAPTER_CONFIG).is_file():
         if not config.is_file():
             raise SystemExit(f"error: {config} not found: the run's config is needed to rebuild its reward")
         return run_dir / MODEL_DIR, config
     checkpoints = sorted((run_dir / "checkpoints").glob("step-*/actor.safetensors"))
     hint = f"; it has checkpoints: use --checkpoint {checkpoints[-1].parent}" if checkpoints else ""
     raise SystemExit(
-        f"error: no trained model in {run_dir}: looked for {run_dir / MODEL_DIR}/config.json "
-        f"(written at the end of a run with trainer.save_model=true){hint}"
+        f"error: no trained model in {run_dir}: looked for {model}/config.json (or {ADAPTER_CONFIG} of LoRA "
+        f"adapters), written at the end of a run with trainer.save_model=true{hint}"
     )
 
 
@@ -70,22 +75,27 @@ def load_config(path: Path) -> DictConfig:
 
 
 def load_policy(cfg: DictConfig, weights: Path, is_checkpoint: bool):
-    """(actor, tokenizer): ``model/`` as saved, or the run's initial actor with the checkpoint's weights."""
+    """(actor, tokenizer): ``model/`` as saved (LoRA adapters: on the run's initial actor), or the run's
+    initial actor with the checkpoint's weights."""
     from safetensors.torch import load_file
+    from transformers.utils import logging as hf_logging
 
     from rlhf.build import resolve_actor_paths
     from rlhf.checkpoint import retied
     from rlhf.models import add_lora, load_actor, load_tokenizer
 
-    if is_checkpoint:
-        model_path, tokenizer_path = resolve_actor_paths(cfg)
-    else:
-        model_path = tokenizer_path = str(weights)
-        if (weights / "adapter_config.json").is_file():
-            raise SystemExit(f"error: {weights} holds LoRA adapters only: use --checkpoint RUN_DIR/checkpoints/step-N")
+    hf_logging.disable_progress_bar()
+    adapters = not is_checkpoint and (weights / ADAPTER_CONFIG).is_file()
+    model_path, tokenizer_path = resolve_actor_paths(cfg) if is_checkpoint or adapters else (str(weights),) * 2
+    if adapters:
+        tokenizer_path = str(weights)  # saved with the adapters, the pad token the run added included
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.add_pad_token)
     actor = load_actor(model_path, cfg.model.dtype, cfg.model.trust_remote_code, len(tokenizer))
     actor.config.pad_token_id = actor.generation_config.pad_token_id = tokenizer.pad_token_id
+    if adapters:
+        from peft import PeftModel
+
+        actor = PeftModel.from_pretrained(actor, str(weights))
     if is_checkpoint:
         lora = cfg.model.lora
         if lora.enabled:
@@ -129,4 +139,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as error:  # a prompt too long for data.max_prompt_length, a model that fails to load
+        raise SystemExit(f"error: {error}") from None

@@ -20,18 +20,27 @@ SECRET = "0.0317"
 
 def train(*overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     done = subprocess.run(
-        [sys.executable, "train.py", *overrides, *SMALL], cwd=REPO, capture_output=True, text=True, timeout=600,
+        [sys.executable, "train.py", *overrides, *SMALL],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, **(env or {})},
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stderr
     return done
 
 
 def test_config_line_redacted_and_no_deepspeed_line(tmp_path, tiny_cache):
     done = train(
-        "trainer.steps=1", "logging.progress_bar=false", "kl.beta=${oc.env:H8_SECRET_BETA}", "gae.lam=0.9",
-        f"hydra.run.dir={tmp_path}", f"model.cache_dir={tiny_cache}", env={"H8_SECRET_BETA": SECRET},
-    )  # fmt: skip
+        "trainer.steps=1",
+        "logging.progress_bar=false",
+        "kl.beta=${oc.env:H8_SECRET_BETA}",
+        "gae.lam=0.9",
+        f"hydra.run.dir={tmp_path}",
+        f"model.cache_dir={tiny_cache}",
+        env={"H8_SECRET_BETA": SECRET},
+    )
     output = done.stdout + done.stderr
     assert DEEPSPEED_LINE not in output  # transformers' save_pretrained imported DeepSpeed, which said so
     [line] = [line for line in (tmp_path / "train.log").read_text().splitlines() if "config: " in line]
@@ -54,17 +63,28 @@ def test_cold_cache_build_shows_one_line(tmp_path):
 
 def test_optuna_sweep_has_no_alembic_lines(tmp_path, tiny_cache):
     done = train(
-        "-m", "sweep=optuna", "hydra.sweeper.n_trials=1", "trainer.steps=1", "logging.progress_bar=false",
-        f"hydra.sweep.dir={tmp_path}", f"model.cache_dir={tiny_cache}",
-    )  # fmt: skip
+        "-m",
+        "sweep=optuna",
+        "hydra.sweeper.n_trials=1",
+        "trainer.steps=1",
+        "logging.progress_bar=false",
+        f"hydra.sweep.dir={tmp_path}",
+        f"model.cache_dir={tiny_cache}",
+    )
     assert "alembic" not in done.stdout + done.stderr
     assert "Best value" in done.stdout
 
 
 def test_joblib_jobs_log_lines_instead_of_bars(tmp_path: Path, tiny_cache):
     done = train(
-        "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", "trainer.steps=2",
-        "trainer.eval_every=1", f"hydra.sweep.dir={tmp_path}", f"model.cache_dir={tiny_cache}",
-    )  # fmt: skip
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "seed=0,1",
+        "trainer.steps=2",
+        "trainer.eval_every=1",
+        f"hydra.sweep.dir={tmp_path}",
+        f"model.cache_dir={tiny_cache}",
+    )
     assert "ppo:" not in done.stderr  # logging.progress_bar=true, but two bars would overwrite each other
     assert done.stdout.count("step 2/2: reward") == 2

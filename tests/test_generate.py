@@ -14,9 +14,13 @@ from tests.conftest import REPO
 
 def generate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "rlhf.generate", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "rlhf.generate", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
+    )
 
 
 def rows(out: str) -> list[list[str]]:
@@ -29,11 +33,23 @@ def rows(out: str) -> list[list[str]]:
 def run_dir(tmp_path_factory, tiny_cache) -> Path:
     path = tmp_path_factory.mktemp("run")
     done = subprocess.run(
-        [sys.executable, "train.py", "trainer.steps=1", "rollout.batch_size=8", "ppo.minibatch_size=4",
-         "ppo.epochs=1", "logging.wandb.mode=disabled", "logging.progress_bar=false", f"hydra.run.dir={path}",
-         f"model.cache_dir={tiny_cache}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "train.py",
+            "trainer.steps=1",
+            "rollout.batch_size=8",
+            "ppo.minibatch_size=4",
+            "ppo.epochs=1",
+            "logging.wandb.mode=disabled",
+            "logging.progress_bar=false",
+            f"hydra.run.dir={path}",
+            f"model.cache_dir={tiny_cache}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     return path
 
@@ -67,3 +83,37 @@ def test_dir_without_model_names_what_it_looked_for(tmp_path):
     assert done.returncode == 1
     assert f"{tmp_path / 'model'}/config.json" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_lora_run_answers_from_its_adapters(tmp_path, tiny_cache):
+    # model/ of a LoRA run holds the adapters only: they go onto the run's initial actor.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "model.lora.enabled=true",
+            "model.shared_critic=true",
+            "trainer.steps=1",
+            "rollout.batch_size=8",
+            "ppo.minibatch_size=4",
+            "ppo.epochs=1",
+            "logging.wandb.mode=disabled",
+            "logging.progress_bar=false",
+            f"hydra.run.dir={tmp_path}",
+            f"model.cache_dir={tiny_cache}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "model" / "adapter_config.json").is_file()
+    [checkpoint] = sorted((tmp_path / "checkpoints").glob("step-*"))
+    from_adapters, from_checkpoint = (
+        generate(str(tmp_path), "--num", "4", "--greedy", *extra) for extra in ((), ("--checkpoint", str(checkpoint)))
+    )
+    assert from_adapters.returncode == 0, from_adapters.stderr
+    assert len(rows(from_adapters.stdout)) == 4
+    assert from_adapters.stdout == from_checkpoint.stdout  # the same trained policy either way
