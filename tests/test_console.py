@@ -4,6 +4,7 @@ alembic lines in an Optuna sweep, no overlapping progress bars under the joblib 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -88,3 +89,22 @@ def test_joblib_jobs_log_lines_instead_of_bars(tmp_path: Path, tiny_cache):
     )
     assert "ppo:" not in done.stderr  # logging.progress_bar=true, but two bars would overwrite each other
     assert done.stdout.count("step 2/2: reward") == 2
+
+
+def test_only_deepspeeds_detection_line_is_dropped():
+    from rlhf.distributed import quiet_deepspeed_detection
+
+    quiet_deepspeed_detection()
+    quiet_deepspeed_detection()  # once is enough: no second filter
+    logger = logging.getLogger("DeepSpeed")
+    assert len(logger.filters) == 1
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # DeepSpeed's logger does not propagate
+    logger.addHandler(handler)
+    try:
+        logger.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it")
+        logger.warning("ZeRO stage 2 optimizer")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["ZeRO stage 2 optimizer"]
