@@ -60,7 +60,7 @@ def resolve_actor_paths(cfg: DictConfig) -> tuple[str, str]:
     train_prompts, eval_prompts = split_prompts(task.max_operand, task.num_eval, task.seed)
     model_dir, tokenizer_dir = ensure_tiny_actor(
         OmegaConf.to_object(cfg.model.tiny), cfg.model.cache_dir, train_prompts, [solve(p) for p in train_prompts],
-        eval_prompts, exact_match_reward,
+        eval_prompts, exact_match_reward, progress_bar=cfg.logging.progress_bar,
     )  # fmt: skip
     return str(model_dir), str(tokenizer_dir)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import warnings
 from pathlib import Path
 
@@ -37,6 +38,27 @@ import torch
 from torch import nn
 
 from rlhf.config import DISTRIBUTED_KINDS
+
+# What DeepSpeed logs (on its "DeepSpeed" logger, to stdout) when it is imported on a machine without GPUs.
+DEEPSPEED_DETECTION = "Setting accelerator to"
+
+
+class _NoAcceleratorDetection(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(DEEPSPEED_DETECTION)
+
+
+def quiet_deepspeed_detection() -> None:
+    """Drop DeepSpeed's accelerator-detection line, for runs that do not use DeepSpeed.
+
+    Installed DeepSpeed is imported by transformers' ``save_pretrained`` (through accelerate's
+    ``extract_model_from_parallel``, which checks for DeepSpeed engines) and then logs "Setting
+    accelerator to CPU..." although nothing uses it. Only that message of that logger is dropped; the
+    filter set on the logger before DeepSpeed creates it stays on it."""
+    logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _NoAcceleratorDetection) for f in logger.filters):
+        logger.addFilter(_NoAcceleratorDetection())
+
 
 ENGINE_TAG = "zero"  # the sub-folder of a DeepSpeed engine's checkpoint
 
@@ -95,6 +117,8 @@ class Distributed:
         unless ``none``; ``deepspeed_config`` (see ``deepspeed_config``) for ``deepspeed``."""
         if kind not in DISTRIBUTED_KINDS:
             raise ValueError(f"hardware.distributed={kind!r}: expected one of {', '.join(DISTRIBUTED_KINDS)}")
+        if kind != "deepspeed":
+            quiet_deepspeed_detection()
         if kind == "none":
             return cls()
         if kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:

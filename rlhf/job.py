@@ -115,12 +115,38 @@ def _status(run_dir: Path) -> str | None:
     return json.loads(path.read_text())["status"] if path.exists() else None
 
 
+def config_line() -> str | None:
+    """The job's config in one line: the option chosen in each config group, then the overrides of
+    single keys (as typed, a value read from the environment shown as ``<env NAME>``); None outside
+    Hydra. ``config: data=arithmetic kl=fixed model=tiny ... | overrides: kl.beta=0.05 gae.lam=0.9``"""
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    choices = {group: option for group, option in hydra_cfg.runtime.choices.items() if not group.startswith("hydra/")}
+    # Raw strings: iterating Hydra's override list would resolve ${oc.env:...} inside them.
+    task = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)
+    keys = [o for o in task if o.split("=", 1)[0].lstrip("+~") not in choices and not o.startswith("hydra")]
+    groups = " ".join(f"{group}={option}" for group, option in sorted(choices.items()) if option is not None)
+    return f"config: {groups} | overrides: {' '.join(redact_env(o) for o in keys) or 'none'}"
+
+
+def shares_console() -> bool:
+    """Whether other jobs of the sweep write to this console at the same time (the joblib launcher
+    running more than one job at once), where their progress bars would overwrite each other."""
+    if not is_multirun():
+        return False
+    launcher = HydraConfig.get().launcher
+    return "joblib" in str(launcher.get("_target_", "")) and launcher.get("n_jobs", 1) != 1
+
+
 def run_job(cfg: DictConfig) -> float:
     """Validate, train and return the sweep objective, keeping ``status.json`` true; a failed job of
     a multirun returns NaN instead of raising. Nothing it writes or logs holds a value read from the
     environment."""
     redactor = Redactor(env_names(cfg))
     handlers = redactor.install()
+    if is_main_process() and (line := config_line()):
+        log.info("%s", line)  # at the top of the console and of train.log
     try:
         with stop_at_once():  # a signal before the PPO loop has nothing to save: stop now
             return _run(cfg, redactor)

@@ -32,7 +32,7 @@ from rlhf.checkpoint import (
 from rlhf.config import loggable_config, validate
 from rlhf.data import PromptSampler
 from rlhf.health import HealthMonitor
-from rlhf.job import group_of, run_dir_of, run_name_of, write_status
+from rlhf.job import group_of, run_dir_of, run_name_of, shares_console, write_status
 from rlhf.rundir import locked_run_dir
 from rlhf.signals import RunInterrupted, StopSignals
 from rlhf.tracking import NullTracker, Tracker
@@ -148,7 +148,8 @@ def ppo_loop(
         history.append(evaluate(trainer, eval_prompts))
         tracker.log(history[0], step=0)
     steps = cfg.trainer.steps
-    bar = tqdm(range(len(history), steps + 1), desc="ppo", disable=not cfg.logging.progress_bar)
+    quiet = not cfg.logging.progress_bar or shares_console()  # joblib jobs' bars would overwrite each other
+    bar = tqdm(range(len(history), steps + 1), desc="ppo", disable=quiet)
     for step in bar:
         # 1-5. rollout, score, experience, PPO epochs, KL controller (PPOTrainer.step)
         metrics = trainer.step(sampler.next_batch())
@@ -180,6 +181,9 @@ def ppo_loop(
                         folders=engines,
                     )  # fmt: skip
         bar.set_postfix(reward=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+        if quiet and "eval/score" in metrics:  # no bar: one line per evaluation instead
+            figures = (metrics["objective/scores"], metrics["objective/kl"], metrics["eval/score"])
+            log.info("step %d/%d: reward %.3f, KL %.3f, held-out reward %.3f", step, steps, *figures)
         if stopping and step < steps:
             raise RunInterrupted(stop_signal, step, checkpoint)
     return history

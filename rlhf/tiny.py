@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from rlhf.config import TinyModelConfig
@@ -124,22 +125,35 @@ def warm_up(
     eval_prompts: list[str],
     reward_fn: Callable[[list[str], list[str]], list[float]],
     max_prompt_length: int,
+    *,
+    progress_bar: bool = True,
 ) -> tuple[float, float]:
     """Supervised steps with label smoothing until held-out greedy accuracy reaches the target.
 
     Returns (greedy, sampled at temperature 1) held-out accuracy at the end. Generation is sized by
-    the longest answer, so the build does not depend on the run's rollout settings.
+    the longest answer, so the build does not depend on the run's rollout settings. Progress shows
+    as one bar (``progress_bar``), the result as one log line.
     """
     max_new_tokens = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in train_answers) + 1
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr)
     generator = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(total=cfg.warmup_max_steps, desc="building the tiny actor", disable=not progress_bar, leave=False)
     for step in range(cfg.warmup_max_steps + 1):
         if step % cfg.warmup_eval_every == 0 or step == cfg.warmup_max_steps:
             args = (model, tokenizer, eval_prompts, reward_fn, max_new_tokens, 1.0, max_prompt_length)
             greedy = accuracy(*args, do_sample=False)
-            log.info("tiny actor warm-up step %d: held-out greedy accuracy %.3f", step, greedy)
+            bar.set_postfix(greedy_accuracy=f"{greedy:.3f}", target=cfg.warmup_target_accuracy)
             if greedy >= cfg.warmup_target_accuracy or step == cfg.warmup_max_steps:
-                return greedy, accuracy(*args, do_sample=True)
+                bar.close()
+                sampled = accuracy(*args, do_sample=True)
+                log.info(
+                    "tiny actor built in %d warm-up steps: held-out accuracy %.3f greedy, %.3f sampled",
+                    step,
+                    greedy,
+                    sampled,
+                )
+                return greedy, sampled
+        bar.update()
         idx = torch.randint(len(train_prompts), (cfg.warmup_batch_size,), generator=generator).tolist()
         batch = sft_batch(
             tokenizer, [train_prompts[i] for i in idx], [train_answers[i] for i in idx], max_prompt_length
@@ -178,8 +192,11 @@ def ensure_tiny_actor(
     train_answers: list[str],
     eval_prompts: list[str],
     reward_fn: Callable[[list[str], list[str]], list[float]],
+    *,
+    progress_bar: bool = True,
 ) -> tuple[Path, Path]:
     """Build (or find in the cache) the tiny actor; returns (model folder, tokenizer folder).
+    ``progress_bar``: show the warm-up's progress bar (``logging.progress_bar``).
 
     The tokenizer gets its own folder: next to a Qwen2 config.json, AutoTokenizer would load it as
     a Qwen2Tokenizer with different ids.
@@ -196,7 +213,15 @@ def ensure_tiny_actor(
     tokenizer = load_tokenizer(str(staging / "tokenizer"))  # size the model by the tokenizer as reloaded
     model = build_model(cfg, len(tokenizer), tokenizer)
     greedy, sampled = warm_up(
-        model, tokenizer, cfg, train_prompts, train_answers, eval_prompts, reward_fn, WARMUP_MAX_PROMPT_LENGTH
+        model,
+        tokenizer,
+        cfg,
+        train_prompts,
+        train_answers,
+        eval_prompts,
+        reward_fn,
+        WARMUP_MAX_PROMPT_LENGTH,
+        progress_bar=progress_bar,
     )
     model.save_pretrained(staging / "model")
     (staging / "done").write_text(
