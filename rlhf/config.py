@@ -382,6 +382,10 @@ class ConfigError(ValueError):
     """A config value is out of range or inconsistent with another."""
 
 
+class InputError(ValueError):
+    """An input the config names (a prompt file, a prompt in it) cannot be used as it is."""
+
+
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
-
-from rlhf.rollout import format_prompts
+from rlhf.config import InputError
 from rlhf.tasks import arithmetic
+
+if TYPE_CHECKING:  # reading prompts needs neither torch nor transformers: it runs before they are imported
+    from transformers import PreTrainedTokenizerBase
 
 # File suffix -> the `datasets` builder that reads it.
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -27,30 +29,37 @@ def read_prompt_column(
     try:
         if local.is_file():
             if local.suffix not in BUILDERS:
-                raise ValueError(f"unsupported file type {local.suffix!r}: use one of {sorted(BUILDERS)}")
+                raise InputError(f"unsupported file type {local.suffix!r}: use one of {sorted(BUILDERS)}")
             # A single file is one split, which `datasets` calls "train".
             dataset = load_dataset(BUILDERS[local.suffix], data_files=str(local), split="train", cache_dir=cache_dir)
         else:
             dataset = load_dataset(str(local) if local.is_dir() else path, split=split, cache_dir=cache_dir)
     except Exception as error:
         split_key = "data.eval_split" if key == "data.eval_path" else "data.split"
-        raise ValueError(
+        raise InputError(
             f"{key}={path!r} (split {split!r}) could not be read: {error} (a folder or hub dataset is read by "
             f"split: check {split_key})"
         ) from error
     if prompt_key not in dataset.column_names:
-        raise ValueError(
+        raise InputError(
             f"data.prompt_key={prompt_key!r} is not a column of {path!r}: its columns are {dataset.column_names}"
         )
     prompts = dataset[prompt_key]
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"prompt {i} of {path!r} (column {prompt_key!r}) is empty or not text: {prompt!r}")
+            raise InputError(f"prompt {i} of {path!r} (column {prompt_key!r}) is empty or not text: {prompt!r}")
     return prompts
 
 
+def local_prompt_files(data) -> bool:
+    """Whether the ``data`` config reads only local files or folders (so they can be checked before
+    anything else loads; a hub dataset name may need a download)."""
+    paths = [data.path, data.eval_path] if data.task == "dataset" else []
+    return bool(paths) and all(path is None or Path(path).expanduser().exists() for path in paths)
+
+
 def load_prompts(data) -> tuple[list[str], list[str]]:
-    """(train prompts, held-out prompts) as the ``data`` config says."""
+    """(train prompts, held-out prompts) as the ``data`` config says; ``InputError`` names what is wrong."""
     if data.task == "arithmetic":
         return arithmetic.split_prompts(data.max_operand, data.num_eval, data.seed)
     if data.task != "dataset":
@@ -61,7 +70,7 @@ def load_prompts(data) -> tuple[list[str], list[str]]:
             data.eval_path, data.prompt_key, data.eval_split, data.cache_dir, key="data.eval_path"
         )
     if not 0 < data.num_eval < len(prompts):
-        raise ValueError(f"data.num_eval={data.num_eval} must be between 1 and {len(prompts) - 1}, "
+        raise InputError(f"data.num_eval={data.num_eval} must be between 1 and {len(prompts) - 1}, "
                          f"the number of prompts in {data.path!r} less one")  # fmt: skip
     shuffled = list(prompts)
     random.Random(data.seed).shuffle(shuffled)
@@ -70,6 +79,8 @@ def load_prompts(data) -> tuple[list[str], list[str]]:
 
 def templated_lengths(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[int]:
     """Length in tokens of each prompt after the chat template."""
+    from rlhf.rollout import format_prompts  # torch and transformers: imported by then
+
     return [len(ids) for ids in tokenizer(format_prompts(tokenizer, prompts), add_special_tokens=False)["input_ids"]]
 
 
@@ -84,13 +95,13 @@ def fit_prompt_lengths(
         return prompts
     (template_length,) = templated_lengths(tokenizer, [""])
     if template_length >= max_length:
-        raise ValueError(
+        raise InputError(
             f"data.max_prompt_length={max_length} leaves no room for a prompt: the chat template alone takes "
             f"{template_length} tokens; raise data.max_prompt_length"
         )
     if policy == "error":
         first = overlong[0]
-        raise ValueError(
+        raise InputError(
             f"{len(overlong)} {name} prompt(s) exceed data.max_prompt_length={max_length} tokens after the chat "
             f"template; the first is prompt {first} ({lengths[first]} tokens). Set data.overlong=filter or "
             f"data.overlong=truncate, or raise data.max_prompt_length"
@@ -98,7 +109,7 @@ def fit_prompt_lengths(
     if policy == "filter":
         kept = [p for i, p in enumerate(prompts) if i not in set(overlong)]
         if not kept:
-            raise ValueError(f"every {name} prompt exceeds data.max_prompt_length={max_length}")
+            raise InputError(f"every {name} prompt exceeds data.max_prompt_length={max_length}")
         return kept
     fitted = list(prompts)
     for i in overlong:
@@ -118,7 +129,7 @@ def keep_end(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int, r
         text = tokenizer.decode(ids[len(ids) - keep :]).lstrip("\ufffd")
         if text.strip() and templated_lengths(tokenizer, [text])[0] <= max_length:
             return text
-    raise ValueError(f"no end of the prompt {prompt!r} fits data.max_prompt_length={max_length}")
+    raise InputError(f"no end of the prompt {prompt!r} fits data.max_prompt_length={max_length}")
 
 
 class PromptSampler:

@@ -30,7 +30,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf.config import ConfigError, loggable_config, validate
+from rlhf.config import ConfigError, InputError, loggable_config, validate
+from rlhf.data import load_prompts, local_prompt_files
 from rlhf.redact import Redactor, env_names, redact_env
 from rlhf.rundir import RunDirLocked, locked_run_dir
 from rlhf.signals import RunInterrupted, StoppedAtOnce, stop_at_once
@@ -172,15 +173,10 @@ def _run_locked(cfg: DictConfig, run_dir: Path, redactor: Redactor) -> float:
     main = is_main_process()
     try:
         validate(cfg)  # before torch and transformers are imported: a bad value fails in a second
-    except ConfigError as error:
-        message = redactor.scrub(str(error))
-        if main:
-            write_status(run_dir, "failed", error=f"ConfigError: {message}")
-        if is_multirun():
-            log.error("job failed: %s; the sweep goes on", message)
-            return math.nan
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+        if local_prompt_files(cfg.data):
+            load_prompts(cfg.data)  # an empty or unreadable prompt file too (read again by the run: cheap)
+    except (ConfigError, InputError) as error:
+        return _refuse(error, run_dir, main, redactor)
     if main:
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         write_status(run_dir, "running", pid=os.getpid(), started=started)
@@ -201,6 +197,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path, redactor: Redactor) -> float:
             write_status(run_dir, "interrupted", error=redactor.scrub(str(stopped) or "KeyboardInterrupt"))
         log.error("%s", stopped)
         raise SystemExit(exit_code) from stopped
+    except (ConfigError, InputError) as error:  # found once a tokenizer or model config is read
+        return _refuse(error, run_dir, main, redactor)
     except Exception as error:
         trace = redactor.scrub(traceback.format_exc())
         message = redactor.scrub(f"{type(error).__name__}: {error}")
@@ -212,6 +210,19 @@ def _run_locked(cfg: DictConfig, run_dir: Path, redactor: Redactor) -> float:
             return math.nan
         print(trace, file=sys.stderr, end="")
         raise SystemExit(1) from None
+
+
+def _refuse(error: ConfigError | InputError, run_dir: Path, main: bool, redactor: Redactor) -> float:
+    """A bad config value or input: ``error: ...`` in one line and exit 2 (no traceback: the message
+    names the key, file or prompt); a job of a multirun fails and the sweep goes on."""
+    message = redactor.scrub(str(error))
+    if main:
+        write_status(run_dir, "failed", error=f"{type(error).__name__}: {message}")
+    if is_multirun():
+        log.error("job failed: %s; the sweep goes on", message)
+        return math.nan
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 class SweepStatus(Callback):

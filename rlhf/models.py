@@ -25,6 +25,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rlhf.config import InputError
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,7 +39,7 @@ def loading(key: str, path: str):
         yield
     except OSError as error:
         hint = "a local folder needs config.json and the weights; a hub id needs the network (or the HF cache)"
-        raise ValueError(f"{key}={path!r} could not be loaded ({hint}): {error}") from error
+        raise InputError(f"{key}={path!r} could not be loaded ({hint}): {error}") from error
 
 
 PAD_TOKEN = "<|pad|>"
@@ -58,7 +60,7 @@ def load_tokenizer(
         raise ValueError(f"the tokenizer at {path!r} has no EOS token, so responses could never end")
     if tokenizer.pad_token_id is None:
         if not add_pad_token:
-            raise ValueError(
+            raise InputError(
                 f"the tokenizer at {path!r} has no pad token: give it one (distinct from EOS) or set "
                 "model.add_pad_token=true"
             )
@@ -72,7 +74,7 @@ def check_context_length(path: str, max_prompt_length: int, max_new_tokens: int,
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     context = getattr(config, "max_position_embeddings", None)
     if context is not None and max_prompt_length + max_new_tokens > context:
-        raise ValueError(
+        raise InputError(
             f"data.max_prompt_length={max_prompt_length} + rollout.max_new_tokens={max_new_tokens} = "
             f"{max_prompt_length + max_new_tokens} tokens exceeds the context of {path!r} ({context} positions)"
         )
