@@ -118,6 +118,9 @@ def test_notebook_executes_against_a_sweep(grid_sweep):
     nbclient = pytest.importorskip("nbclient")
     notebook = nbformat.read(REPO / "notebooks" / "compare_runs.ipynb", as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "strip outputs"
+    # The filter cell, as a user would edit it: keep the two kl.beta=0.01 jobs.
+    (filter_cell,) = [cell for cell in notebook.cells if cell.source.startswith("FILTER = {}")]
+    filter_cell.source = filter_cell.source.replace("FILTER = {}", 'FILTER = {"kl.beta": 0.01}', 1)
     os.environ["RLHF_RUNS"] = str(grid_sweep)
     try:
         nbclient.NotebookClient(
@@ -129,6 +132,8 @@ def test_notebook_executes_against_a_sweep(grid_sweep):
     assert first.startswith("4 runs from")
     table_html = notebook.cells[3].outputs[0]["data"]["text/html"]
     assert table_html.count("completed") == 4
+    filtered = "".join(o.get("text", "") for o in filter_cell.outputs)
+    assert filtered.startswith("2 of 4 runs match {'kl.beta': 0.01}; swept keys: ['gae.lam', 'kl.beta']"), filtered
 
 
 @pytest.mark.slow
