@@ -16,6 +16,8 @@ from typing import Any
 
 import wandb
 
+from rlhf import jsonl
+
 log = logging.getLogger(__name__)
 
 
@@ -171,29 +173,8 @@ def _table(rows: list[dict[str, Any]]) -> wandb.Table:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """JSON rows of a ``.jsonl`` file of the run (none if it does not exist), each with its ``step``.
-
-    A last line cut short by a kill is left out; a damaged row before it raises ``ValueError`` naming
-    the file and the line, since the rows after it would otherwise be lost.
-    """
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            if number == len(lines):
-                break
-            raise ValueError(
-                f"{path} line {number} of {len(lines)} is not a JSON row with a step: {line[:80]!r}; "
-                "repair or delete that line (the run changed nothing)"
-            )
-        rows.append(row)
-    return rows
+    """The rows of a ``.jsonl`` file of the run, each with its ``step`` (``rlhf.jsonl.read_rows``)."""
+    return jsonl.read_rows(path, required_key="step")
 
 
 # W&B's offline transaction log (``run-<id>.wandb``): a 7-byte header, then LevelDB log records in

@@ -78,7 +78,7 @@ def test_a_damaged_middle_row_stops_the_resume_and_changes_nothing(finished, tmp
     before = {p.name: p.read_bytes() for p in run_dir.glob("*.jsonl")}
     result = cli(run_dir, *FAST, "trainer.steps=3")
     assert result.returncode != 0
-    assert f"{path} line 2 of 3 is not a JSON row" in result.stderr, result.stderr[-2000:]
+    assert f"{path} line 2 of 3 is not a JSON object with a 'step'" in result.stderr, result.stderr[-2000:]
     assert {p.name: p.read_bytes() for p in run_dir.glob("*.jsonl")} == before
 
 

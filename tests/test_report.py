@@ -113,10 +113,10 @@ def test_a_metrics_file_cut_by_a_kill_is_reported(optuna_sweep, capsys):
 def test_a_damaged_middle_line_names_the_file_and_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0}\n{"step": 1, oops\n{"step": 2}\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not valid JSON"):
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 of 3 is not a JSON object: .*repair"):
         read_rows(path)
     path.write_text('{"step": 0}\n[1, 2]\n')
-    with pytest.raises(ValueError, match=r"line 2 is a list, expected a JSON object"):
+    with pytest.raises(ValueError, match=r"line 2 of 2 is not a JSON object: '\[1, 2\]'"):
         read_rows(path)
 
 
