@@ -156,12 +156,22 @@ def table_rows(runs: list[Run]) -> list[dict[str, object]]:
             "status": run.status if not run.error else f"{run.status}: {run.error}",
             "final reward": s.get("final/eval_score", evals[-1] if evals else math.nan),
             "best reward": s.get("best/eval_score", max(evals) if evals else math.nan),
-            "final KL": s.get("final/kl", _last(run, "objective/kl")),
+            "final KL": _final_kl(run),
             "clipfrac": s.get("mean/policy_clipfrac", sum(clip) / len(clip) if clip else math.nan),
             "value loss": s.get("final/value_loss", _last(run, "loss/value")),
             "seconds": s.get("time/total", math.nan),
         })  # fmt: skip
     return rows
+
+
+def _final_kl(run: Run) -> float:
+    """KL to the reference on the held-out prompts (beside the held-out reward, as in the sweep
+    objective); runs logged before ``eval/kl`` existed give their last training batch's KL."""
+    if "final/eval_kl" in run.summary:
+        return run.summary["final/eval_kl"]
+    if run.series("eval/kl")[1]:
+        return _last(run, "eval/kl")
+    return run.summary.get("final/kl", _last(run, "objective/kl"))
 
 
 def _last(run: Run, key: str) -> float:
