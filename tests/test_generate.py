@@ -72,6 +72,7 @@ def test_held_out_prompts_from_checkpoint(run_dir):
     assert all(prompt.endswith("='") and len(row) == 3 for row in table for prompt in row[:1])
 
 
+@pytest.mark.slow  # a third generate process; not slow: test_held_out_prompts_from_checkpoint
 def test_held_out_mode_prints_num_rows(run_dir):
     done = generate(str(run_dir), "--num", "5")
     assert done.returncode == 0, done.stderr

@@ -216,6 +216,7 @@ def test_command_line_run_writes_hydra_dir_metrics_and_named_wandb_run(tiny_cach
     assert run_record["display_name"] == ",".join(overrides)
 
 
+@pytest.mark.slow  # a CLI run; not slow: the command-line run above
 def test_normalized_run_logs_raw_scores_and_keeps_normalized_ones_apart(tiny_cache, tmp_path):
     # reward.normalize=fixed trains on 2 * score + 1; objective/scores(_std) and the samples table's
     # score column stay in the reward function's units, the training rewards have their own names.
