@@ -104,6 +104,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, tiny_cache):
         assert json.loads((sweep_dir / job / "status.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow  # an optuna sweep; not slow multiruns: the grid sweep and test_cli_status's failed job
 def test_optuna_sweeper_maximises_what_train_returns(tmp_path, tiny_cache):
     sweep_dir = tmp_path / "sweep"
     result = sweep(sweep_dir, "sweep=optuna", "hydra.sweeper.n_trials=2", *TINY, "logging.wandb.mode=disabled")
