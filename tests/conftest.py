@@ -63,7 +63,8 @@ def make_cfg(tmp_path, tiny_cache):
 
 
 # The quick loop's one successful ``python train.py`` run (~6 s), shared by tests that only read it:
-# tests/test_train.py checks its output, tests/test_data_safety.py reads a copy of its metrics.jsonl.
+# tests/test_train.py checks its output, tests/test_generate.py samples from it, tests/test_data_safety.py
+# reads a copy of its metrics.jsonl.
 CLI_RUN_OVERRIDES = ["trainer.steps=2", "rollout.batch_size=8", "ppo.minibatch_size=4", "kl.beta=0.07", "gae.lam=0.9"]
 
 
