@@ -62,6 +62,24 @@ def make_cfg(tmp_path, tiny_cache):
     return _make
 
 
+# The quick loop's one successful ``python train.py`` run (~6 s), shared by tests that only read it:
+# tests/test_train.py checks its output, tests/test_generate.py samples from it, tests/test_data_safety.py
+# reads a copy of its metrics.jsonl.
+CLI_RUN_OVERRIDES = ["trainer.steps=2", "rollout.batch_size=8", "ppo.minibatch_size=4", "kl.beta=0.07", "gae.lam=0.9"]
+
+
+@pytest.fixture(scope="session")
+def cli_run(tmp_path_factory, tiny_cache) -> tuple[Path, subprocess.CompletedProcess]:
+    """``(run_dir, result)`` of a real 2-step command-line run with an offline W&B run; do not modify run_dir."""
+    run_dir = tmp_path_factory.mktemp("cli-run") / "run"
+    result = subprocess.run(
+        [sys.executable, "train.py", *CLI_RUN_OVERRIDES, "logging.wandb.mode=offline", "logging.progress_bar=false",
+         f"hydra.run.dir={run_dir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return run_dir, result
+
+
 def wandb_inspect(run_dir: Path, *flags: str) -> list[dict]:
     """The records of the run dir's one offline W&B run (``--summary``: its state), read by ``wandb leet inspect``."""
     (offline_run,) = (run_dir / "wandb").glob("offline-run-*")

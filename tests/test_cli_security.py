@@ -125,6 +125,7 @@ def test_a_test_module_needs_the_allow_target_flag(tmp_path, tiny_cache):
     )  # fmt: skip
 
 
+@pytest.mark.slow  # two CLI runs; not slow: test_accepted_overrides
 def test_allowed_overrides_and_the_flag_run_end_to_end(tmp_path, tiny_cache):
     # --allow-target is taken out of argv before Hydra (which would reject the unknown flag).
     result, _, run_dir = train_py(

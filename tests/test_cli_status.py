@@ -95,6 +95,7 @@ def test_a_failed_run_replaces_a_stale_status_exits_1_and_leaks_no_token(tmp_pat
     assert_nowhere(token, run_dir)
 
 
+@pytest.mark.slow  # a CLI run; not slow: test_train's command-line run
 def test_a_successful_run_names_wandb_by_the_overrides_without_the_token(
     tmp_path, tiny_cache, token, server_factory, monkeypatch
 ):
@@ -166,6 +167,7 @@ def test_a_signal_while_the_run_starts_stops_it_with_status_interrupted(tmp_path
     assert status_of(run_dir)["status"] == "interrupted"
 
 
+@pytest.mark.slow  # a CLI run stopped mid-loop; not slow: the signal-at-start tests
 def test_sighup_in_the_ppo_loop_stops_after_the_step_like_sigterm(tmp_path, tiny_cache):
     run_dir = tmp_path / "run"
     process = subprocess.Popen(

@@ -32,6 +32,7 @@ def train(*overrides: str, env: dict[str, str] | None = None) -> subprocess.Comp
     return done
 
 
+@pytest.mark.slow  # a CLI run; not slow: test_train's command-line run
 def test_config_line_redacted_and_no_deepspeed_line(tmp_path, tiny_cache):
     done = train(
         "trainer.steps=1",
@@ -62,6 +63,7 @@ def test_cold_cache_build_shows_one_line(tmp_path):
     assert DEEPSPEED_LINE not in output
 
 
+@pytest.mark.slow  # an optuna sweep; not slow: test_sweep's optuna test
 def test_optuna_sweep_has_no_alembic_lines(tmp_path, tiny_cache):
     done = train(
         "-m",
@@ -76,6 +78,7 @@ def test_optuna_sweep_has_no_alembic_lines(tmp_path, tiny_cache):
     assert "Best value" in done.stdout
 
 
+@pytest.mark.slow  # a joblib sweep of real runs
 def test_joblib_jobs_log_lines_instead_of_bars(tmp_path: Path, tiny_cache):
     done = train(
         "-m",

@@ -46,6 +46,7 @@ def copy_of(run_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run_dir, tmp_path / "run"))
 
 
+@pytest.mark.slow  # a CLI run; not slow: test_a_run_dir_in_use_refuses_...
 def test_a_fresh_run_leaves_the_users_files_in_its_run_dir(tmp_path, tiny_cache):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -69,6 +70,7 @@ def test_a_fresh_run_leaves_the_users_files_in_its_run_dir(tmp_path, tiny_cache)
     assert trained_on and trained_on <= set(prompts)
 
 
+@pytest.mark.slow  # a resumed CLI run; not slow: test_a_last_row_cut_short_...
 def test_a_damaged_middle_row_stops_the_resume_and_changes_nothing(finished, tmp_path):
     run_dir = copy_of(finished, tmp_path)
     path = run_dir / "metrics.jsonl"
@@ -82,10 +84,10 @@ def test_a_damaged_middle_row_stops_the_resume_and_changes_nothing(finished, tmp
     assert {p.name: p.read_bytes() for p in run_dir.glob("*.jsonl")} == before
 
 
-def test_a_last_row_cut_short_by_a_kill_is_still_dropped(finished, tmp_path):
+def test_a_last_row_cut_short_by_a_kill_is_still_dropped(cli_run, tmp_path):
     from rlhf.tracking import read_rows
 
-    path = copy_of(finished, tmp_path) / "metrics.jsonl"
+    path = copy_of(cli_run[0], tmp_path) / "metrics.jsonl"  # a finished 2-step run's rows
     path.write_text(path.read_text() + '{"step": 3, "objec')
     assert [row["step"] for row in read_rows(path)] == [0, 1, 2]
 
@@ -98,6 +100,7 @@ def damage_floats(path: Path) -> None:
     save_file(tensors, str(path))
 
 
+@pytest.mark.slow  # a resumed CLI run; not slow: test_a_last_row_cut_short_...
 def test_damaged_weights_fall_back_to_the_previous_checkpoint(finished, tmp_path):
     run_dir = copy_of(finished, tmp_path)
     previous, latest = complete_checkpoints(run_dir / "checkpoints")

@@ -1,4 +1,4 @@
-"""``python -m rlhf.generate``: samples from a real 1-step run's model/ or checkpoint and scores with its reward."""
+"""``python -m rlhf.generate``: samples from a real 2-step run's model/ or checkpoint and scores with its reward."""
 
 from __future__ import annotations
 
@@ -30,26 +30,9 @@ def rows(out: str) -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_cache) -> Path:
-    path = tmp_path_factory.mktemp("run")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "trainer.steps=1",
-            "rollout.batch_size=8",
-            "ppo.minibatch_size=4",
-            "ppo.epochs=1",
-            "logging.wandb.mode=disabled",
-            "logging.progress_bar=false",
-            f"hydra.run.dir={path}",
-            f"model.cache_dir={tiny_cache}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def run_dir(cli_run) -> Path:
+    """The session's real 2-step command-line run (tests/conftest.py): its model/ and its one checkpoint."""
+    path, done = cli_run
     assert done.returncode == 0, done.stderr
     return path
 
@@ -72,6 +55,7 @@ def test_held_out_prompts_from_checkpoint(run_dir):
     assert all(prompt.endswith("='") and len(row) == 3 for row in table for prompt in row[:1])
 
 
+@pytest.mark.slow  # a third generate process; not slow: test_held_out_prompts_from_checkpoint
 def test_held_out_mode_prints_num_rows(run_dir):
     done = generate(str(run_dir), "--num", "5")
     assert done.returncode == 0, done.stderr

@@ -69,6 +69,7 @@ def test_too_many_skips_in_a_row_stop_the_run(make_cfg):
         trainer.ppo_update(exp)
 
 
+@pytest.mark.slow  # a CLI run; not slow: the in-process tests above
 def test_a_nan_reward_stops_the_run_before_any_update_and_finishes_wandb_as_failed(tmp_path, tiny_cache):
     result = subprocess.run(
         [sys.executable, "train.py", "reward.fn._target_=tests.stand_ins.nan_reward",

@@ -124,6 +124,7 @@ def test_experiment_presets_run_with_the_seeds_reward_model(make_cfg, stand_ins,
         assert trainer.critic.backbone is not trainer.actor.base_model
 
 
+@pytest.mark.slow  # a CLI run; the presets in-process: test_experiment_presets_...
 def test_readme_preset_command_runs_with_the_tiny_actor(stand_ins, tiny_cache, tmp_path):
     # README's example, `python train.py experiment=n_implementation_details reward=deberta-v3-large-v2
     # reward.path=DIR`, on the default tiny actor: the note comes before any model is loaded.

@@ -167,6 +167,7 @@ SAVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a killed subprocess; not slow: test_a_crash_at_any_operation_of_a_save_...
 def test_a_kill_while_saving_leaves_a_complete_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
     for delay in (0.7, 1.3, 1.9):
@@ -266,6 +267,7 @@ def test_raising_steps_replans_the_lr_schedule(make_cfg, tmp_path):
     assert lrs(tmp_path / "extended")[2:] == lrs(tmp_path / "planned")[2:] == pytest.approx([1e-4, 5e-5])
 
 
+@pytest.mark.slow  # five CLI runs, each refusal needs the 2-step run's checkpoint
 def test_resume_errors(tmp_path, tiny_cache):
     run_dir = tmp_path / "run"
     missing = cli(run_dir, "trainer.steps=1", "trainer.resume=true")

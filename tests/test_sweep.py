@@ -79,6 +79,7 @@ def test_report_reads_single_run_dirs(grid_sweep, tmp_path):
     assert (tmp_path / "curves.png").exists()
 
 
+@pytest.mark.slow  # not slow: test_cli_status's sweep with a failed job [basic]
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path, tiny_cache):
     sweep_dir = tmp_path / "sweep"
     fns = "tests.sweep_helpers.nan_reward,rlhf.tasks.arithmetic.exact_match_reward"
@@ -94,6 +95,7 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path, tiny_cache):
     assert rows[0]["status"].startswith("failed: ValueError") and rows[1]["status"] == "completed"
 
 
+@pytest.mark.slow  # a joblib sweep of real runs; sweeps not slow: the grid and optuna tests
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, tiny_cache):
     sweep_dir = tmp_path / "sweep"
     sweep(sweep_dir, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "kl.beta=0.01,0.1", *TINY,
@@ -102,6 +104,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, tiny_cache):
         assert json.loads((sweep_dir / job / "status.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow  # an optuna sweep; not slow multiruns: the grid sweep and test_cli_status's failed job
 def test_optuna_sweeper_maximises_what_train_returns(tmp_path, tiny_cache):
     sweep_dir = tmp_path / "sweep"
     result = sweep(sweep_dir, "sweep=optuna", "hydra.sweeper.n_trials=2", *TINY, "logging.wandb.mode=disabled")

@@ -17,7 +17,7 @@ from rlhf.losses import logprobs_from_logits, policy_loss
 from rlhf.models import action_logits
 from rlhf.run import train
 from rlhf.tiny import build_tokenizer
-from tests.conftest import wandb_inspect
+from tests.conftest import CLI_RUN_OVERRIDES, wandb_inspect
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -189,15 +189,10 @@ def test_default_reference_knows_the_answers_but_samples_diffusely(make_cfg):
     assert resolve_actor_paths(cfg) == (model_dir, tokenizer_dir)
 
 
-def test_command_line_run_writes_hydra_dir_metrics_and_named_wandb_run(tiny_cache, tmp_path):
-    # The real entry point: Hydra composes, train() runs, W&B is named by the overrides.
-    run_dir = tmp_path / "cli-run"
-    overrides = ["trainer.steps=2", "rollout.batch_size=8", "ppo.minibatch_size=4", "kl.beta=0.07", "gae.lam=0.9"]
-    result = subprocess.run(
-        [sys.executable, "train.py", *overrides, "logging.wandb.mode=offline", "logging.progress_bar=false",
-         f"hydra.run.dir={run_dir}"],
-        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+def test_command_line_run_writes_hydra_dir_metrics_and_named_wandb_run(cli_run):
+    # The real entry point: Hydra composes, train() runs, W&B is named by the overrides (the run: conftest.py).
+    run_dir, result = cli_run
+    overrides = CLI_RUN_OVERRIDES
     assert result.returncode == 0, result.stderr[-2000:]
     assert "held-out reward (sampled)" in result.stdout
     assert (run_dir / ".hydra" / "overrides.yaml").exists()
@@ -216,6 +211,7 @@ def test_command_line_run_writes_hydra_dir_metrics_and_named_wandb_run(tiny_cach
     assert run_record["display_name"] == ",".join(overrides)
 
 
+@pytest.mark.slow  # a CLI run; not slow: the command-line run above
 def test_normalized_run_logs_raw_scores_and_keeps_normalized_ones_apart(tiny_cache, tmp_path):
     # reward.normalize=fixed trains on 2 * score + 1; objective/scores(_std) and the samples table's
     # score column stay in the reward function's units, the training rewards have their own names.
