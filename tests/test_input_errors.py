@@ -46,6 +46,7 @@ def test_an_empty_prompt_is_refused_before_torch_is_imported(tmp_path):
     assert_refused(result, run_dir, f"prompt 1 of '{prompts}' (column 'prompt') is empty or not text")
 
 
+@pytest.mark.slow  # two CLI runs that load the tokenizer; the quick loop has the prompt-file refusal above
 def test_overlong_prompts_found_after_the_tokenizer_loads_are_one_line_too(tmp_path, tiny_cache):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"{i}+{i}=" * 20}) + "\n" for i in range(10)))
