@@ -16,7 +16,9 @@ every choice of a sweep (also the per-job overrides of ``hydra.sweeper.params``)
   Hydra's config (``${hydra:...}``) or another key (``${trainer.steps}``); a ``_target_`` takes none.
 - ``hydra.job.env_set`` may not set loader or interpreter variables (``LD_*``, ``PYTHON*``, ...).
 - ``hydra.job_logging`` / ``hydra.hydra_logging`` may not name a factory (``()``, ``class``, ``ext://``):
-  ``logging.config.dictConfig`` would import and call it.
+  ``logging.config.dictConfig`` would import and call it; nor move a log file (``filename``, ``mode``,
+  ``delay``, the ``.`` attribute setter): a log written to ``site-packages/x.pth`` with the format
+  ``import os; ...`` runs at the next start of Python.
 
 Config files stay trusted (``--config-dir``, ``hydra.searchpath``, group choices such as
 ``reward=classifier``): whoever can write them can already run code. This module imports only the
@@ -60,6 +62,9 @@ LOADER_VARIABLES = frozenset(
     {"BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "IFS", "PATH", "TORCH_EXTENSIONS_DIR"}
 )
 _LOGGING_KEYS = (("hydra", "job_logging"), ("hydra", "hydra_logging"))
+# Keys of a logging handler that choose the file it writes ("" is a part of the `.` key, which dictConfig
+# uses to set attributes such as baseFilename); the log stays <run dir>/<job name>.log.
+_LOG_FILE_KEYS = frozenset({"filename", "mode", "delay", "baseFilename", ""})
 # Checked by where a value lands, so a value at, above or inside them may not reference another key
 # (`+foo={LD_PRELOAD:x} hydra.job.env_set=${foo}` would put an unchecked dict there).
 _CHECKED_BY_PATH = (("hydra", "job", "env_set"), *_LOGGING_KEYS)
@@ -193,6 +198,11 @@ def _check_line(line: str, problems: list[str], targets: list[_Target]) -> None:
         ):
             problems.append(
                 f"{dotted}={value!r} is not allowed: logging factories (`()`, class, ext://) come from config files"
+            )
+        if path[:2] in _LOGGING_KEYS and _LOG_FILE_KEYS & set(path[2:]):
+            problems.append(
+                f"{dotted}={value!r} is not allowed: where a log file is written (filename, mode, delay, `.`) "
+                f"comes from config files; it is <run dir>/<job name>.log"
             )
         if path[:3] == ("hydra", "sweeper", "params") and len(path) > 3 and isinstance(value, (str, int, float)):
             # The sweeper turns each entry into the override `key=value` of every job.
