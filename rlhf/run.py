@@ -89,11 +89,12 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, float]:
     run_id, last_step = None, None
     if resume_from is not None:
         run_id, last_step = restore_run(resume_from, cfg, trainer, sampler, health)
-    wandb_cfg = cfg.logging.wandb
+    logged = loggable_config(cfg)
+    wandb_cfg = logged["logging"]["wandb"]  # mode as set; project, entity, tags with ${oc.env:...} as <env NAME> too
     if dist.is_main:  # rank 0 alone writes the run dir: metrics, W&B, checkpoints
         tracker = Tracker(
-            run_dir, loggable_config(cfg), wandb_cfg.mode, wandb_cfg.project, wandb_cfg.entity,
-            group_of(cfg), run_name_of(cfg), list(wandb_cfg.tags), run_id, last_step,
+            run_dir, logged, cfg.logging.wandb.mode, wandb_cfg["project"], wandb_cfg["entity"],
+            group_of(cfg), run_name_of(cfg), list(wandb_cfg["tags"]), run_id, last_step,
         )  # fmt: skip
     dist.barrier()  # rank 0 has cut metrics.jsonl back to the checkpoint's step: the others read it now
     if not dist.is_main:

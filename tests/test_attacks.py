@@ -7,12 +7,14 @@ the next start of Python. Each case leaves a marker if the written file is loade
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.test_cli_security import train_py
+from tests.conftest import REPO
+from tests.test_cli_security import SHORT, train_py
 
 
 @pytest.mark.parametrize(
@@ -45,3 +47,28 @@ def test_a_log_file_cannot_be_moved_into_a_pth_file(tmp_path, tiny_cache, moves_
     assert "Command-line override refused (nothing was run)" in result.stderr
     assert "where a log file is written" in result.stderr
     assert not run_dir.exists()
+
+
+def test_a_token_in_wandb_tags_or_project_stays_out_of_the_run_dir(tmp_path, tiny_cache):
+    """README: a value read with ${oc.env:NAME} is logged to W&B as <env NAME>; tags and project too."""
+    tokens = {"H10_TAG_TOKEN": "tagsecret8f3a1c", "H10_PROJECT_TOKEN": "projectsecret5d2e9b"}
+    run_dir = tmp_path / "run"
+    args = [
+        *SHORT,
+        "logging.wandb.mode=offline",
+        f"model.cache_dir={tiny_cache}",
+        f"hydra.run.dir={run_dir}",
+        "logging.wandb.tags=[${oc.env:H10_TAG_TOKEN}]",
+        "logging.wandb.project=p${oc.env:H10_PROJECT_TOKEN}",
+    ]
+    environ = {**os.environ, **tokens}
+    result = subprocess.run(
+        [sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300, env=environ
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (run_dir / "wandb").is_dir()
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for token in tokens.values():
+                assert token.encode() not in data, path
