@@ -167,6 +167,14 @@ def _run(cfg: DictConfig, redactor: Redactor) -> float:
             return math.nan
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+    except OSError as error:  # the run dir cannot be made or locked (trainer.output_dir names a file...)
+        # Its path may hold a value read from the environment: Hydra would print it unscrubbed.
+        message = redactor.scrub(f"run dir {run_dir} cannot be used ({error})")
+        if is_multirun():
+            log.error("job failed: %s; the sweep goes on", message)
+            return math.nan
+        print(f"error: {message}: give another hydra.run.dir or trainer.output_dir", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _run_locked(cfg: DictConfig, run_dir: Path, redactor: Redactor) -> float:

@@ -72,3 +72,25 @@ def test_a_token_in_wandb_tags_or_project_stays_out_of_the_run_dir(tmp_path, tin
             data = path.read_bytes()
             for token in tokens.values():
                 assert token.encode() not in data, path
+
+
+def test_a_token_in_an_unusable_run_dir_is_not_printed(tmp_path, tiny_cache):
+    """The run dir cannot be made (a file is in the way): one line naming it, the token as <env NAME>."""
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("user data\n")
+    environ = {**os.environ, "H10_DIR_TOKEN": "dirsecret7a4c2e"}
+    run_dir = tmp_path / "run"
+    args = [*SHORT, "logging.wandb.mode=disabled", f"model.cache_dir={tiny_cache}", f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(
+        [sys.executable, "train.py", *args, f"trainer.output_dir={in_the_way}/${{oc.env:H10_DIR_TOKEN}}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environ,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "dirsecret7a4c2e" not in result.stdout + result.stderr
+    assert f"error: run dir {in_the_way}/<env H10_DIR_TOKEN> cannot be used" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert in_the_way.read_text() == "user data\n"
