@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import urllib.parse
 from typing import Any
 
@@ -22,6 +23,9 @@ from rlhf.config import _ENV_INTERPOLATION
 # Shorter environment values are not scrubbed: replacing "1" or "on" everywhere would mangle every
 # number and word of a log, and such values are no secrets.
 MIN_SECRET_LENGTH = 4
+# The variable's name in each ${oc.env:NAME...}, also written `${oc.env: NAME}`, `${oc.env:"NAME"}` or
+# inside another's default (`${oc.env:A,${oc.env:B}}`): OmegaConf reads all of these.
+_ENV_NAME = re.compile(r"""\$\{\s*oc\.env\s*:\s*['"]?([^,}'"\s]+)""")
 
 
 def env_names(node: Any) -> set[str]:
@@ -32,7 +36,7 @@ def env_names(node: Any) -> set[str]:
         return {name for value in raw.values() for name in env_names(value)}
     if isinstance(raw, list):
         return {name for value in raw for name in env_names(value)}
-    return set(_ENV_INTERPOLATION.findall(raw)) if isinstance(raw, str) else set()
+    return set(_ENV_NAME.findall(raw)) if isinstance(raw, str) else set()
 
 
 def redact_env(text: str) -> str:

@@ -74,15 +74,17 @@ def test_a_token_in_wandb_tags_or_project_stays_out_of_the_run_dir(tmp_path, tin
                 assert token.encode() not in data, path
 
 
-def test_a_token_in_an_unusable_run_dir_is_not_printed(tmp_path, tiny_cache):
-    """The run dir cannot be made (a file is in the way): one line naming it, the token as <env NAME>."""
+@pytest.mark.parametrize("read", ["${oc.env:H10_DIR_TOKEN}", "${oc.env: H10_DIR_TOKEN}", '${oc.env:"H10_DIR_TOKEN"}'])
+def test_a_token_in_an_unusable_run_dir_is_not_printed(tmp_path, tiny_cache, read):
+    """The run dir cannot be made (a file is in the way): one line naming it, the token as <env NAME>,
+    however the ${oc.env:...} is spelled (OmegaConf reads a spaced or quoted name too)."""
     in_the_way = tmp_path / "a-file"
     in_the_way.write_text("user data\n")
     environ = {**os.environ, "H10_DIR_TOKEN": "dirsecret7a4c2e"}
     run_dir = tmp_path / "run"
     args = [*SHORT, "logging.wandb.mode=disabled", f"model.cache_dir={tiny_cache}", f"hydra.run.dir={run_dir}"]
     result = subprocess.run(
-        [sys.executable, "train.py", *args, f"trainer.output_dir={in_the_way}/${{oc.env:H10_DIR_TOKEN}}"],
+        [sys.executable, "train.py", *args, f"trainer.output_dir={in_the_way}/{read}"],
         cwd=REPO,
         capture_output=True,
         text=True,
