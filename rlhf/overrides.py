@@ -14,6 +14,7 @@ every choice of a sweep (also the per-job overrides of ``hydra.sweeper.params``)
   refused by name, without importing anything.
 - interpolations may only read the environment (``${oc.env:...}``), the date (``${now:...}``),
   Hydra's config (``${hydra:...}``) or another key (``${trainer.steps}``); a ``_target_`` takes none.
+- ``hydra.output_subdir`` must be a literal folder inside the run dir: Hydra writes its three files there.
 - ``hydra.job.env_set`` may not set loader or interpreter variables (``LD_*``, ``PYTHON*``, ...).
 - ``hydra.job_logging`` / ``hydra.hydra_logging`` may not name a factory (``()``, ``class``, ``ext://``):
   ``logging.config.dictConfig`` would import and call it; nor move a log file (``filename``, ``mode``,
@@ -204,6 +205,11 @@ def _check_line(line: str, problems: list[str], targets: list[_Target]) -> None:
                 f"{dotted}={value!r} is not allowed: where a log file is written (filename, mode, delay, `.`) "
                 f"comes from config files; it is <run dir>/<job name>.log"
             )
+        if dotted == "hydra.output_subdir" and value is not None and not _is_subfolder(value):
+            problems.append(
+                f"hydra.output_subdir={value!r} is not allowed: Hydra writes config.yaml, hydra.yaml, overrides.yaml "
+                f"there, over any files of those names; give a literal folder inside the run dir (default .hydra)"
+            )
         if path[:3] == ("hydra", "sweeper", "params") and len(path) > 3 and isinstance(value, (str, int, float)):
             # The sweeper turns each entry into the override `key=value` of every job.
             _check_line(f"{'.'.join(path[3:])}={value}", problems, targets)
@@ -268,6 +274,13 @@ def _interpolation_problem(text: str, *, references: bool) -> str | None:
             )
         stack.extend(getattr(node, "children", None) or [])
     return None
+
+
+def _is_subfolder(value: Any) -> bool:
+    """Whether ``value`` is a literal relative path that stays inside the folder it is relative to."""
+    if not isinstance(value, str) or not value or "${" in value:
+        return False
+    return not Path(value).is_absolute() and ".." not in Path(value).parts
 
 
 def _is_loader_variable(name: str) -> bool:

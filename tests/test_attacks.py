@@ -96,3 +96,17 @@ def test_a_token_in_an_unusable_run_dir_is_not_printed(tmp_path, tiny_cache, rea
     assert f"error: run dir {in_the_way}/<env H10_DIR_TOKEN> cannot be used" in result.stderr
     assert "Traceback" not in result.stderr
     assert in_the_way.read_text() == "user data\n"
+
+
+@pytest.mark.parametrize("subdir", ["{project}", "../../{name}", "${{oc.env:H10_UNSET,{project}}}"])
+def test_hydras_files_cannot_be_written_over_a_users_config(tmp_path, tiny_cache, subdir):
+    """hydra.output_subdir outside the run dir wrote config.yaml over the user's (even for a refused config)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.yaml").write_text("user config\n")
+    override = f"hydra.output_subdir={subdir.format(project=project, name='x')}"
+    result, _, run_dir = train_py(tmp_path, tiny_cache, override)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "hydra.output_subdir=" in result.stderr and "is not allowed" in result.stderr
+    assert (project / "config.yaml").read_text() == "user config\n"
+    assert not run_dir.exists()
