@@ -100,11 +100,14 @@ _FLOAT = re.compile(r"[-+]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][-+]?\d+)")
 def short_override(override: str) -> str:
     """``kl.beta=0.02504130762999893`` -> ``kl.beta=0.02504``: floats to NAME_DIGITS significant digits.
 
-    Only values that are a single float literal are rounded; ints, strings and lists stay as typed.
+    Only values that are a single float literal with more digits are rounded; ints, strings, lists and
+    short floats stay as typed (``kl.beta=1.0`` stays ``kl.beta=1.0``).
     """
     key, sep, value = override.partition("=")
     if sep and _FLOAT.fullmatch(value):
-        return f"{key}={float(value):.{NAME_DIGITS}g}"
+        rounded = f"{float(value):.{NAME_DIGITS}g}"
+        if float(rounded) != float(value):
+            return f"{key}={rounded}"
     return override
 
 

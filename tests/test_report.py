@@ -55,6 +55,7 @@ def test_run_names_round_floats_to_4_significant_digits(optuna_sweep, capsys):
     assert short_override("trainer.steps=20") == "trainer.steps=20"  # ints stay
     assert short_override("model.name=gpt2-1.5") == "model.name=gpt2-1.5"  # strings stay
     assert short_override("ppo.lr=1.23456e-05") == "ppo.lr=1.235e-05"
+    assert short_override("kl.beta=1.0") == "kl.beta=1.0"  # as typed when rounding changes nothing
     assert report_main([str(optuna_sweep)]) == 0
     printed = capsys.readouterr().out
     # The run column is as wide as the longest rounded name (it was 55 characters with 17 digits).
