@@ -205,6 +205,11 @@ def train_py(*overrides: str) -> subprocess.CompletedProcess:
 CLI_REFUSALS = [
     ("+kl.betta=0.5", "kl.betta=0.5 is not allowed: unknown key"),
     ("ppo.clip_eps=inf", "ppo.clip_eps=inf is not allowed: must be a finite number"),
+    ("kl.beta=inf", "kl.beta=inf is not allowed: must be a finite number"),
+    ("ppo.vf_coef=inf", "ppo.vf_coef=inf is not allowed: must be a finite number"),
+    ("reward.gain=nan", "reward.gain=nan is not allowed: must be a finite number"),
+    ("optimizer.actor.lr=nan", "optimizer.actor.lr=nan is not allowed"),
+    ("optimizer.actor.lr=-1", "optimizer.actor.lr=-1 is not allowed"),
     ("optimizer.scheduler.end_factor=2", "optimizer.scheduler.end_factor=2 is not allowed: must be in [0, 1]"),
     ("data.max_operand=100000", "data.max_operand=100000 is not allowed: must be <= 999"),
     ("seed=-1", "seed=-1 is not allowed: must be in [0, 2**32 - 1]"),
