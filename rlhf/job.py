@@ -192,7 +192,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, redactor: Redactor) -> float:
     try:
         from rlhf.run import train  # torch and transformers: seconds
 
-        return train(cfg, validated=True)["objective"]
+        return train(cfg)["objective"]
     except RunInterrupted as stopped:
         # A stop signal ends the process (and a sweep) with 128 + its number, as the shell expects.
         # train() has written status.json ("interrupted", with the step and the checkpoint).

@@ -67,13 +67,11 @@ def evaluate(trainer: PPOTrainer, prompts: list[str]) -> dict[str, float]:
     }
 
 
-def train(cfg: DictConfig, *, validated: bool = False) -> dict[str, float]:
+def train(cfg: DictConfig) -> dict[str, float]:
     """Run PPO as configured, continuing from a checkpoint per ``trainer.resume``; returns the
-    run's final figures (also the W&B summary). Raises ``RunInterrupted`` after a stop signal.
-    ``validated``: the caller has run ``validate(cfg)`` already (``rlhf.job.run_job``)."""
+    run's final figures (also the W&B summary). Raises ``RunInterrupted`` after a stop signal."""
     started = time.perf_counter()
-    if not validated:
-        validate(cfg)
+    validate(cfg)  # milliseconds; from the command line it has run already, before torch was imported
     run_dir = run_dir_of(cfg)
     with locked_run_dir(run_dir):  # one run at a time in a run dir, from before anything is read or written
         return _train(cfg, run_dir, started)

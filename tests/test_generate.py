@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import FAST, REPO
 
 
 def generate(*args: str) -> subprocess.CompletedProcess:
@@ -78,12 +78,7 @@ def test_lora_run_answers_from_its_adapters(tmp_path, tiny_cache):
             "train.py",
             "model.lora.enabled=true",
             "model.shared_critic=true",
-            "trainer.steps=1",
-            "rollout.batch_size=8",
-            "ppo.minibatch_size=4",
-            "ppo.epochs=1",
-            "logging.wandb.mode=disabled",
-            "logging.progress_bar=false",
+            *FAST,
             f"hydra.run.dir={tmp_path}",
             f"model.cache_dir={tiny_cache}",
         ],
