@@ -19,9 +19,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from rlhf.config import register_configs
-from rlhf.job import launch_overrides, run_job
-from rlhf.overrides import checked_argv
+from rlhf.app.job import launch_overrides, run_job
+from rlhf.config.overrides import checked_argv
+from rlhf.config.schema import register_configs
 
 register_configs()
 

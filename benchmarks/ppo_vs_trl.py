@@ -177,9 +177,9 @@ def run_rlhf(
     """rlhf's PPOTrainer.step on the workload; returns per-iteration seconds by phase."""
     from hydra import compose, initialize_config_dir
 
-    from rlhf.build import build_trainer
-    from rlhf.config import register_configs
-    from rlhf.data import PromptSampler
+    from rlhf.app.build import build_trainer
+    from rlhf.config.schema import register_configs
+    from rlhf.data.prompts import PromptSampler
 
     register_configs()
     batch = workload.prompts_per_step

@@ -1,4 +1,4 @@
 """rlhf: Hydra-configured PPO for language models from human-feedback rewards.
 
-Run with ``python train.py`` (see README.md); ``rlhf.run.train(cfg)`` is the task function.
+Run with ``python train.py`` (see README.md); ``rlhf.app.run.train(cfg)`` is the task function.
 """

@@ -6,9 +6,9 @@
 
 It loads the run's ``model/`` (written at the end of training) or, with ``--checkpoint``, the
 checkpoint's ``actor.safetensors`` into the actor the run's config builds. Prompts go through the
-chat template and generation code of training (``rlhf.rollout.generate``); the reward, the task's
+chat template and generation code of training (``rlhf.models.generation.generate``); the reward, the task's
 prompts and the actor are rebuilt from the run's ``.hydra/config.yaml`` (or the checkpoint's
-``config.yaml``) with the functions training uses (``rlhf.build``, ``rlhf.data``, ``rlhf.reward``).
+``config.yaml``) with the functions training uses (``rlhf.app.build``, ``rlhf.data.prompts``, ``rlhf.rewards``).
 Prints one tab-separated line per prompt: prompt, response, score.
 """
 
@@ -69,7 +69,7 @@ def find_weights(run_dir: Path, checkpoint: Path | None) -> tuple[Path, Path]:
 
 def load_config(path: Path) -> DictConfig:
     """The run's config over the schema's defaults (a config written by an older version may lack keys)."""
-    from rlhf.config import TrainConfig
+    from rlhf.config.schema import TrainConfig
 
     return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
 
@@ -80,9 +80,9 @@ def load_policy(cfg: DictConfig, weights: Path, is_checkpoint: bool):
     from safetensors.torch import load_file
     from transformers.utils import logging as hf_logging
 
-    from rlhf.build import resolve_actor_paths
-    from rlhf.checkpoint import retied
-    from rlhf.models import add_lora, load_actor, load_tokenizer
+    from rlhf.app.build import resolve_actor_paths
+    from rlhf.models.loading import add_lora, load_actor, load_tokenizer
+    from rlhf.runtime.checkpoint import retied
 
     hf_logging.disable_progress_bar()
     adapters = not is_checkpoint and (weights / ADAPTER_CONFIG).is_file()
@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch  # seconds: after the arguments and files are checked
 
-    from rlhf.data import fit_prompt_lengths, load_prompts
-    from rlhf.reward import build_reward
-    from rlhf.rollout import generate
+    from rlhf.data.prompts import fit_prompt_lengths, load_prompts
+    from rlhf.models.generation import generate
+    from rlhf.rewards.scorers import build_reward
 
     torch.manual_seed(cfg.seed)
     actor, tokenizer = load_policy(cfg, weights, args.checkpoint is not None)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from rlhf.job import STATUS_FILE
-from rlhf.jsonl import read_rows
+from rlhf.runtime.jsonl import read_rows
+from rlhf.runtime.status import STATUS_FILE
 
 COLUMNS = ["run", "status", "final reward", "best reward", "final KL", "clipfrac", "value loss", "seconds"]
 # Mild by default: per-step training reward and KL of a small batch are noisy, but a heavy default

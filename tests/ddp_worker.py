@@ -25,9 +25,9 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rlhf.build import build_trainer  # noqa: E402
-from rlhf.data import PromptSampler  # noqa: E402
-from rlhf.trainer import parameters_of  # noqa: E402
+from rlhf.app.build import build_trainer  # noqa: E402
+from rlhf.data.prompts import PromptSampler  # noqa: E402
+from rlhf.ppo.trainer import parameters_of  # noqa: E402
 from tests.conftest import compose  # noqa: E402
 
 

@@ -15,11 +15,11 @@ import yaml
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
-import rlhf.build
-import rlhf.reward
-from rlhf.build import build_trainer, resolve_actor_paths
-from rlhf.checkpoint import find_resume_checkpoint, save_checkpoint
-from rlhf.config import loggable_config
+import rlhf.app.build
+import rlhf.rewards.scorers
+from rlhf.app.build import build_trainer, resolve_actor_paths
+from rlhf.config.redact import loggable_config
+from rlhf.runtime.checkpoint import find_resume_checkpoint, save_checkpoint
 from tests.conftest import REPO, compose
 from tests.stand_ins import save_tiny_qwen
 
@@ -59,12 +59,16 @@ CASES = [
     # unknown keys added with + or ++ (which Hydra's own error hint suggests): rlhf.config.validate
     (
         ["+kl.betta=0.5"],
-        "kl.betta=0.5 is not allowed: unknown key (the schema is rlhf.config.TrainConfig); did you mean kl.beta?",
+        "kl.betta=0.5 is not allowed: unknown key (the schema is rlhf.config.schema.TrainConfig); "
+        "did you mean kl.beta?",
     ),
     (["++kl.betta=0.5"], "kl.betta=0.5 is not allowed: unknown key"),
     (["+kl.clip_eps=0.1"], "TrainConfig); did you mean ppo.clip_eps?"),  # a key of another group
     (["+model.tiny.layers=4"], "model.tiny.layers=4 is not allowed: unknown key"),
-    (["+sead=1"], "sead=1 is not allowed: unknown key (the schema is rlhf.config.TrainConfig); did you mean seed?"),
+    (
+        ["+sead=1"],
+        "sead=1 is not allowed: unknown key (the schema is rlhf.config.schema.TrainConfig); did you mean seed?",
+    ),
     # non-finite floats, anywhere in the config
     (["kl.beta=inf"], "kl.beta=inf is not allowed: must be a finite number"),
     (["ppo.clip_eps=inf"], "ppo.clip_eps=inf is not allowed: must be a finite number"),
@@ -149,8 +153,8 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(rlhf.build, "load_actor", refuse)
-    monkeypatch.setattr(rlhf.reward.AutoModelForSequenceClassification, "from_pretrained", refuse)
+    monkeypatch.setattr(rlhf.app.build, "load_actor", refuse)
+    monkeypatch.setattr(rlhf.rewards.scorers.AutoModelForSequenceClassification, "from_pretrained", refuse)
 
 
 def expand(overrides, files):

@@ -82,9 +82,12 @@ def test_a_hydra_callback_is_refused_before_hydra_builds_it(tmp_path, tiny_cache
 
 def test_a_stdlib_function_reached_through_a_project_module_is_refused(tmp_path, tiny_cache, source):
     assert_refused(
-        tmp_path, tiny_cache, "reward.fn._target_=rlhf.checkpoint.shutil.copyfile", "reward.fn._partial_=false",
+        tmp_path,
+        tiny_cache,
+        "reward.fn._target_=rlhf.runtime.checkpoint.shutil.copyfile",
+        "reward.fn._partial_=false",
         f"+reward.fn.src={source}", f"+reward.fn.dst={tmp_path / 'marker'}",
-        names="reward.fn._target_='rlhf.checkpoint.shutil.copyfile' is not allowed",
+        names="reward.fn._target_='rlhf.runtime.checkpoint.shutil.copyfile' is not allowed",
     )  # fmt: skip
 
 
@@ -137,7 +140,7 @@ def test_allowed_overrides_and_the_flag_run_end_to_end(tmp_path, tiny_cache):
 
 
 def test_accepted_overrides():
-    from rlhf.overrides import check_overrides
+    from rlhf.config.overrides import check_overrides
 
     check_overrides(
         [
@@ -162,7 +165,7 @@ def test_accepted_overrides():
 
 
 def test_allow_target_trusts_exactly_that_module():
-    from rlhf.overrides import OverrideRefused, check_overrides, split_allow_targets
+    from rlhf.config.overrides import OverrideRefused, check_overrides, split_allow_targets
 
     assert split_allow_targets(["--allow-target", "a.b", "x=1", "--allow-target=c"]) == (["x=1"], ["a.b", "c"])
     with pytest.raises(OverrideRefused, match="give a module name"):
@@ -180,7 +183,10 @@ def test_allow_target_trusts_exactly_that_module():
         ("reward.fn._target_=rlhf.tasks.arithmetic.random.Random", "it is random.Random"),
         ("optimizer.actor._target_=torch.optim.swa_utils.AveragedModel", "it is torch.optim.swa_utils.AveragedModel"),
         ("reward.fn._target_=rlhf.tasks.no_such_module.f", "could not be imported"),
-        ("reward.fn._target_=rlhf.reward.build_reward", "reward.fn._target_='rlhf.reward.build_reward' is not"),
+        (
+            "reward.fn._target_=rlhf.rewards.scorers.build_reward",
+            "reward.fn._target_='rlhf.rewards.scorers.build_reward' is not",
+        ),
         ("reward.fn._target_=${oc.env:TARGET}", "must be one literal dotted path"),
         ("reward.fn._target_=choice(rlhf.tasks.arithmetic.solve,os.system)", "reward.fn._target_='os.system'"),
         ("+hydra.sweeper.params={reward.fn._target_:'os.system'}", "reward.fn._target_='os.system'"),
@@ -196,7 +202,7 @@ def test_allow_target_trusts_exactly_that_module():
     ],
 )
 def test_refused_overrides(override, message):
-    from rlhf.overrides import OverrideRefused, check_overrides
+    from rlhf.config.overrides import OverrideRefused, check_overrides
 
     with pytest.raises(OverrideRefused) as info:
         check_overrides([override])
@@ -205,7 +211,7 @@ def test_refused_overrides(override, message):
 
 def test_a_target_outside_the_allowed_packages_is_not_imported():
     # Importing a module runs it: `this` prints the Zen of Python when first imported.
-    from rlhf.overrides import OverrideRefused, check_overrides
+    from rlhf.config.overrides import OverrideRefused, check_overrides
 
     sys.modules.pop("this", None)
     with pytest.raises(OverrideRefused):

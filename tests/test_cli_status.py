@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.job import write_status
-from rlhf.redact import mask_url, mask_url_in
+from rlhf.config.redact import mask_url, mask_url_in
+from rlhf.runtime.status import write_status
 from tests.conftest import REPO, wandb_inspect
 
 TINY = [

@@ -13,7 +13,9 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
-from rlhf.config import ConfigError, loggable_config, validate
+from rlhf.config.errors import ConfigError
+from rlhf.config.redact import loggable_config
+from rlhf.config.validate import validate
 from tests.conftest import CONF_DIR, REPO, compose
 
 GROUPS = ["model", "reward", "kl", "gae", "optimizer", "hardware", "data", "experiment", "sweep"]
@@ -114,7 +116,9 @@ NO_TORCH_SCRIPT = """
 import sys, time
 started = time.perf_counter()
 from hydra import compose, initialize_config_dir
-from rlhf.config import ConfigError, register_configs, validate
+from rlhf.config.errors import ConfigError
+from rlhf.config.schema import register_configs
+from rlhf.config.validate import validate
 register_configs()
 with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
     cfg = compose(config_name="train", overrides=sys.argv[2:])
@@ -194,7 +198,7 @@ def test_misspelt_keys_and_options_get_a_did_you_mean_before_hydra_runs(override
 
 
 def test_keys_of_open_maps_and_group_paths_pass_the_key_check():
-    from rlhf.overrides import check_keys
+    from rlhf.config.overrides import check_keys
 
     conf = REPO / "conf"
     check_keys(["+reward.headers.X-Trace=1", "+reward.fn.scale=2", "optimizer.actor.lr=1e-4"], conf_dir=conf)

@@ -95,7 +95,7 @@ def test_joblib_jobs_log_lines_instead_of_bars(tmp_path: Path, tiny_cache):
 
 
 def test_only_deepspeeds_detection_line_is_dropped():
-    from rlhf.distributed import quiet_deepspeed_detection
+    from rlhf.runtime.distributed import quiet_deepspeed_detection
 
     quiet_deepspeed_detection()
     quiet_deepspeed_detection()  # once is enough: no second filter

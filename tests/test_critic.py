@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from rlhf.build import build_trainer
-from rlhf.config import ConfigError, validate
+from rlhf.app.build import build_trainer
+from rlhf.config.errors import ConfigError
+from rlhf.config.validate import validate
 from tests.conftest import compose
 from tests.stand_ins import save_tiny_deberta_reward_model
 from tests.test_train import reward_model_dir  # noqa: F401 (a fixture: Qwen2 classifier on the tiny tokenizer)

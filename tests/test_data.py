@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.build import build_trainer
-from rlhf.config import ConfigError, validate
-from rlhf.data import fit_prompt_lengths, load_prompts, read_prompt_column
-from rlhf.models import load_tokenizer
-from rlhf.tiny import build_tokenizer
+from rlhf.app.build import build_trainer
+from rlhf.config.errors import ConfigError
+from rlhf.config.validate import validate
+from rlhf.data.prompts import fit_prompt_lengths, load_prompts, read_prompt_column
+from rlhf.models.loading import load_tokenizer
+from rlhf.models.tiny import build_tokenizer
 from tests.conftest import compose
 
 PROMPTS = [f"{a}+{b}=" for a in range(6) for b in range(6)]

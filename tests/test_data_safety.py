@@ -19,9 +19,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from rlhf.checkpoint import MANIFEST, complete_checkpoints, find_resume_checkpoint, save_checkpoint
-from rlhf.config import loggable_config
-from rlhf.rundir import RunDirLocked, locked_run_dir
+from rlhf.config.redact import loggable_config
+from rlhf.runtime.checkpoint import MANIFEST, complete_checkpoints, find_resume_checkpoint, save_checkpoint
+from rlhf.runtime.rundir import RunDirLocked, locked_run_dir
 from tests.conftest import REPO, compose
 from tests.signalling import ENV
 from tests.test_resume import cli, metrics
@@ -85,7 +85,7 @@ def test_a_damaged_middle_row_stops_the_resume_and_changes_nothing(finished, tmp
 
 
 def test_a_last_row_cut_short_by_a_kill_is_still_dropped(cli_run, tmp_path):
-    from rlhf.tracking import read_rows
+    from rlhf.runtime.tracking import read_rows
 
     path = copy_of(cli_run[0], tmp_path) / "metrics.jsonl"  # a finished 2-step run's rows
     path.write_text(path.read_text() + '{"step": 3, "objec')
@@ -113,7 +113,7 @@ def test_damaged_weights_fall_back_to_the_previous_checkpoint(finished, tmp_path
     assert sorted(metrics(run_dir)) == [0, 1, 2, 3]
     assert [row["step"] for row in map(json.loads, (run_dir / "metrics.jsonl").open())] == [0, 1, 2, 3]
     # The run wrote step 2 again over the damaged checkpoint: a later resume finds it intact.
-    from rlhf.checkpoint import damage
+    from rlhf.runtime.checkpoint import damage
 
     assert damage(latest) is None
 
@@ -142,7 +142,7 @@ def test_damaged_optimizer_state_in_every_checkpoint_stops_naming_the_file(tmp_p
 
 
 def test_every_file_of_a_deepspeed_folder_is_checked(tmp_path):
-    from rlhf.checkpoint import damage
+    from rlhf.runtime.checkpoint import damage
 
     engines = tmp_path / ".engines"
     (engines / "actor").mkdir(parents=True)
@@ -163,7 +163,7 @@ def test_every_file_of_a_deepspeed_folder_is_checked(tmp_path):
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from rlhf.rundir import locked_run_dir
+    from rlhf.runtime.rundir import locked_run_dir
     with locked_run_dir(Path(sys.argv[1])):
         print("locked", flush=True)
         time.sleep(600)

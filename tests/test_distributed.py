@@ -45,7 +45,7 @@ def test_torchrun_two_processes_rank_zero_owns_the_run_dir(tiny_cache, tmp_path)
 
 
 def test_a_launch_of_several_processes_needs_one_run_dir():
-    from rlhf.job import launch_overrides
+    from rlhf.app.job import launch_overrides
 
     with pytest.raises(SystemExit, match="hydra.run.dir=DIR"):
         launch_overrides(["trainer.steps=2"], {"WORLD_SIZE": "2", "RANK": "0"})
@@ -57,8 +57,8 @@ def test_a_launch_of_several_processes_needs_one_run_dir():
 def test_fsdp_shards_each_transformer_block_of_the_actor_and_of_any_critic():
     from transformers import DebertaV2Config, DebertaV2Model, Qwen2Config, Qwen2ForCausalLM
 
-    from rlhf.distributed import fsdp_blocks
-    from rlhf.models import Critic
+    from rlhf.models.critic import Critic
+    from rlhf.runtime.distributed import fsdp_blocks
 
     qwen = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
                                         num_key_value_heads=1, intermediate_size=64, vocab_size=100))  # fmt: skip

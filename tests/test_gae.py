@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.gae import compute_gae
+from rlhf.core.gae import compute_gae
 from tests.reference import gae_loop, random_case
 
 

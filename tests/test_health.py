@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
-from rlhf.build import build_trainer
-from rlhf.health import CHECKS, EXPLAINED_VAR_WINDOW, HealthMonitor
-from rlhf.trainer import explained_variance, token_debug_rows, value_metrics
+from rlhf.app.build import build_trainer
+from rlhf.ppo.metrics import explained_variance, token_debug_rows, value_metrics
+from rlhf.runtime.health import CHECKS, EXPLAINED_VAR_WINDOW, HealthMonitor
 from tests.reference import ragged_mask
 
 HEALTHY = {
@@ -21,7 +21,7 @@ HEALTHY = {
 
 def test_healthy_metrics_do_not_warn(caplog):
     monitor = HealthMonitor()
-    with caplog.at_level(logging.WARNING, logger="rlhf.health"):
+    with caplog.at_level(logging.WARNING, logger="rlhf.runtime.health"):
         health = monitor(HEALTHY, step=1)
     assert caplog.records == []
     assert set(health) == {check.key for check in CHECKS}
@@ -43,7 +43,7 @@ def test_healthy_metrics_do_not_warn(caplog):
 def test_each_threshold_warns_once(caplog, key, value, health_key):
     monitor = HealthMonitor()
     monitor(HEALTHY, step=1)  # sets the reference response length
-    with caplog.at_level(logging.WARNING, logger="rlhf.health"):
+    with caplog.at_level(logging.WARNING, logger="rlhf.runtime.health"):
         monitor({**HEALTHY, key: value}, step=2)
         monitor({**HEALTHY, key: value}, step=3)
     messages = [r.getMessage() for r in caplog.records]
@@ -82,7 +82,7 @@ def test_explained_variance_pools_rollouts_where_every_answer_was_right(caplog):
     # the window, the same critic explains two thirds of the returns' variance: no warning.
     gen = torch.Generator().manual_seed(0)
     monitor = HealthMonitor()
-    with caplog.at_level(logging.WARNING, logger="rlhf.health"):
+    with caplog.at_level(logging.WARNING, logger="rlhf.runtime.health"):
         for step, wrong in enumerate([2, 3, 1, 2, 0, 2, 1, 3, 2, 0], start=1):
             values, returns, mask = rollout(wrong=wrong, gen=gen)
             metrics = value_metrics(values=values, returns=returns, mask=mask)

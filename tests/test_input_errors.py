@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.config import InputError
-from rlhf.data import load_prompts, local_prompt_files
+from rlhf.config.errors import InputError
+from rlhf.data.prompts import load_prompts, local_prompt_files
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate, make_kl_controller, shape_rewards
+from rlhf.core.kl import AdaptiveKLController, FixedKLController, kl_estimate, make_kl_controller, shape_rewards
 from tests.reference import ragged_mask
 
 

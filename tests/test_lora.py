@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.build import build_trainer, resolve_actor_paths
-from rlhf.config import ConfigError, validate
-from rlhf.experience import compute_logprobs
-from rlhf.models import load_actor
+from rlhf.app.build import build_trainer, resolve_actor_paths
+from rlhf.config.errors import ConfigError
+from rlhf.config.validate import validate
+from rlhf.models.loading import load_actor
+from rlhf.ppo.experience import compute_logprobs
 from tests.conftest import compose
 
 
@@ -55,7 +56,7 @@ def test_lora_needs_the_shared_critic():
 
 
 def test_lora_run_saves_the_adapters_only(make_cfg, tmp_path):
-    from rlhf.run import train
+    from rlhf.app.run import train
 
     train(make_cfg("model.lora.enabled=true", "model.shared_critic=true"))
     saved = {p.name for p in (tmp_path / "run" / "model").iterdir()}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from rlhf.core.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from tests.reference import ragged_mask
 
 EPS = 0.2

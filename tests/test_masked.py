@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.masked import masked_mean, masked_var, masked_whiten
+from rlhf.core.masked import masked_mean, masked_var, masked_whiten
 from tests.reference import ragged_mask
 
 

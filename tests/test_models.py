@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.config import TinyModelConfig
-from rlhf.kl import shape_rewards
-from rlhf.losses import logprobs_from_logits
-from rlhf.models import action_logits, action_values, build_critic, load_tokenizer
-from rlhf.rollout import action_mask_after_eos, encode_prompts, generate
-from rlhf.tiny import build_model, build_tokenizer
+from rlhf.config.schema import TinyModelConfig
+from rlhf.core.kl import shape_rewards
+from rlhf.core.losses import logprobs_from_logits
+from rlhf.models.actions import action_logits, action_values
+from rlhf.models.critic import build_critic
+from rlhf.models.generation import action_mask_after_eos, encode_prompts, generate
+from rlhf.models.loading import load_tokenizer
+from rlhf.models.tiny import build_model, build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +143,7 @@ def test_checkpoint_generation_defaults_do_not_leak_into_sampling(actor, tokeniz
     # repetition_penalty do): load_actor keeps it (the saved model ships it), sampling ignores it.
     from transformers import GenerationConfig
 
-    from rlhf.models import load_actor
+    from rlhf.models.loading import load_actor
 
     actor.generation_config = GenerationConfig(do_sample=True, top_k=1, top_p=0.5, repetition_penalty=3.0)
     actor.save_pretrained(tmp_path)

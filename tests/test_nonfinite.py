@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from rlhf.build import build_trainer
-from rlhf.reward import FunctionReward
+from rlhf.app.build import build_trainer
+from rlhf.rewards.scorers import FunctionReward
 from tests.conftest import REPO, wandb_inspect
 from tests.stand_ins import nan_reward
 

@@ -8,8 +8,8 @@ import threading
 import pytest
 import torch
 
-from rlhf.build import build_trainer
-from rlhf.experience import compute_logprobs, compute_values
+from rlhf.app.build import build_trainer
+from rlhf.ppo.experience import compute_logprobs, compute_values
 
 
 def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.build import build_trainer
-from rlhf.models import load_actor, load_tokenizer
-from rlhf.rollout import generate
+from rlhf.app.build import build_trainer
+from rlhf.models.generation import generate
+from rlhf.models.loading import load_actor, load_tokenizer
 from tests.stand_ins import qwen_token_ids, save_tiny_deberta_reward_model, save_tiny_qwen
 from tests.test_train import reward_model_dir  # noqa: F401 (fixture: Qwen2 classifier on the tiny tokenizer)
 
@@ -111,7 +111,7 @@ def test_experiment_presets_run_with_the_seeds_reward_model(make_cfg, stand_ins,
     # A Qwen2 actor and a DeBERTa-v2 reward model on its own sentencepiece vocabulary: the critic cannot
     # start from the reward model, so the presets that ask for it fall back to the actor's trunk, with a note.
     cfg = preset_cfg(make_cfg, stand_ins, f"experiment={experiment}")
-    with caplog.at_level("WARNING", logger="rlhf.build"):
+    with caplog.at_level("WARNING", logger="rlhf.app.build"):
         trainer, train_prompts, _ = build_trainer(cfg)
     metrics = trainer.step(train_prompts[:8])
     assert metrics["objective/kl_coef"] == cfg.kl.beta
@@ -208,7 +208,7 @@ def test_every_eos_of_the_generation_config_ends_a_response(tmp_path):
 
 
 def test_saved_model_keeps_the_shipped_generation_config(make_cfg, stand_ins, tmp_path):
-    from rlhf.run import train
+    from rlhf.app.run import train
 
     actor_dir = save_tiny_qwen(tmp_path / "qwen-gen", generation=QWEN_GENERATION)
     train(preset_cfg(make_cfg, {**stand_ins, "actor": actor_dir}))
@@ -236,7 +236,7 @@ def test_missing_checkpoints_name_the_key(make_cfg, overrides, key):
 def test_a_generation_config_that_could_not_be_saved_back_is_replaced(make_cfg, stand_ins, tmp_path):
     # A published config transformers only warns about on load (temperature without do_sample) but refuses
     # to save once changed (the run sets its pad id): the final save must not fail on it.
-    from rlhf.run import train
+    from rlhf.app.run import train
 
     actor_dir = save_tiny_qwen(tmp_path / "qwen-odd", generation={"eos_token_id": ["<|im_end|>"]})
     path = actor_dir / "generation_config.json"

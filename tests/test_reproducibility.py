@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhf.run import train
+from rlhf.app.run import train
 
 
 def logged(run_dir: Path) -> tuple[list[dict], list[dict]]:

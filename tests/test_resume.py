@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf.checkpoint import MANIFEST, complete_checkpoints, load_checkpoint, save_checkpoint
-from rlhf.run import train
-from rlhf.signals import StopSignals
-from rlhf.tracking import Tracker
+from rlhf.app.run import train
+from rlhf.runtime.checkpoint import MANIFEST, complete_checkpoints, load_checkpoint, save_checkpoint
+from rlhf.runtime.signals import StopSignals
+from rlhf.runtime.tracking import Tracker
 from tests.conftest import REPO, wandb_inspect
 from tests.signalling import ENV
 
@@ -156,7 +156,7 @@ def test_a_second_signal_while_writing_waits_for_the_write(tmp_path):
 SAVER = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from rlhf.checkpoint import save_checkpoint
+    from rlhf.runtime.checkpoint import save_checkpoint
     model = torch.nn.Linear(2500, 2500)
     for step in range(1, 10_000):
         with torch.no_grad():
@@ -192,7 +192,7 @@ def test_a_crash_at_any_operation_of_a_save_leaves_a_complete_checkpoint(tmp_pat
     # checkpoint must then load, with weights and state of the same step, and the next save must work.
     import shutil
 
-    import rlhf.checkpoint
+    import rlhf.runtime.checkpoint
 
     model = torch.nn.Linear(3, 3)
 
@@ -202,7 +202,7 @@ def test_a_crash_at_any_operation_of_a_save_leaves_a_complete_checkpoint(tmp_pat
                 p.fill_(step)
         return save_checkpoint(root, step, {"m": model.state_dict()}, {"step": step}, "a: 1", keep_last=2)
 
-    operations = [(rlhf.checkpoint, "save_file"), (torch, "save"), (Path, "write_text"), (Path, "mkdir"),
+    operations = [(rlhf.runtime.checkpoint, "save_file"), (torch, "save"), (Path, "write_text"), (Path, "mkdir"),
                   (os, "fsync"), (Path, "rename"), (shutil, "rmtree")]  # fmt: skip
     calls = {"count": 0, "die_at": 0}
     for owner, name in operations:
@@ -303,7 +303,7 @@ def test_checkpoints_are_atomic_and_rotated(tmp_path):
 
 
 def test_a_tied_parameter_is_stored_once_and_loads_under_each_of_its_names(tmp_path):
-    from rlhf.checkpoint import retied, tied_names, untied
+    from rlhf.runtime.checkpoint import retied, tied_names, untied
 
     class Tied(torch.nn.Module):
         def __init__(self):

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from rlhf.build import build_trainer
-from rlhf.reward import FunctionReward, HTTPReward, RewardNormalizer, check_finite
+from rlhf.app.build import build_trainer
+from rlhf.rewards.normalize import RewardNormalizer, check_finite
+from rlhf.rewards.scorers import FunctionReward, HTTPReward
 from rlhf.tasks.arithmetic import exact_match_reward, solve, split_prompts
 
 
@@ -128,8 +129,8 @@ def save_qwen_reward_model(path, tokenizer, pad_token_id=None):
 def test_reward_model_without_a_pad_token_id_scores_padded_batches(tmp_path):
     # A Qwen2 classifier whose config has no pad_token_id (as many converted checkpoints): it scores the
     # last non-pad token, so it needs the tokenizer's pad id to find it in a right-padded batch.
-    from rlhf.reward import ClassifierReward
-    from rlhf.tiny import build_tokenizer
+    from rlhf.models.tiny import build_tokenizer
+    from rlhf.rewards.scorers import ClassifierReward
 
     path = save_qwen_reward_model(tmp_path / "rm", build_tokenizer(), pad_token_id=None)
     reward = ClassifierReward(str(path), max_length=64, batch_size=4, device=torch.device("cpu"))
@@ -142,7 +143,7 @@ def test_reward_model_without_a_pad_token_id_scores_padded_batches(tmp_path):
 def test_chat_input_format_renders_the_reward_tokenizers_template(tmp_path):
     from transformers import AutoTokenizer
 
-    from rlhf.reward import ClassifierReward
+    from rlhf.rewards.scorers import ClassifierReward
     from tests.stand_ins import save_tiny_qwen
 
     chat_tokenizer = AutoTokenizer.from_pretrained(save_tiny_qwen(tmp_path / "qwen"))
@@ -174,7 +175,8 @@ def test_chat_input_format_needs_a_chat_template(make_cfg, tmp_path):
 
 
 def test_unknown_input_format_is_refused():
-    from rlhf.config import ConfigError, validate
+    from rlhf.config.errors import ConfigError
+    from rlhf.config.validate import validate
     from tests.conftest import compose
 
     with pytest.raises(ConfigError, match=r"^reward.input_format='text' is not allowed: one of pair, chat"):
@@ -213,8 +215,8 @@ def test_http_reward_that_is_not_a_number_names_the_url_and_index():
 
 
 def test_reward_tokenizer_without_a_pad_token_pads_with_its_eos(tmp_path):
-    from rlhf.reward import ClassifierReward
-    from rlhf.tiny import build_tokenizer
+    from rlhf.models.tiny import build_tokenizer
+    from rlhf.rewards.scorers import ClassifierReward
 
     tokenizer = build_tokenizer()
     tokenizer.pad_token = None

@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
-from rlhf.build import build_trainer
-from rlhf.losses import logprobs_from_logits, policy_loss
-from rlhf.models import action_logits
-from rlhf.run import train
-from rlhf.tiny import build_tokenizer
+from rlhf.app.build import build_trainer
+from rlhf.app.run import train
+from rlhf.core.losses import logprobs_from_logits, policy_loss
+from rlhf.models.actions import action_logits
+from rlhf.models.tiny import build_tokenizer
 from tests.conftest import CLI_RUN_OVERRIDES, wandb_inspect
 
 
@@ -81,7 +81,7 @@ def test_first_minibatch_ratio_is_one_and_nothing_clips(make_cfg):
     mb = exp.select(torch.tensor([5, 1, 12, 3]))
     num_actions = mb.action_mask.shape[1]
     # Recompute the experience of the already-updated actor for a fresh check of the invariant.
-    from rlhf.experience import compute_logprobs, compute_values, make_experience
+    from rlhf.ppo.experience import compute_logprobs, compute_values, make_experience
 
     samples = trainer.last_samples
     logprobs, ref_logprobs = (compute_logprobs(model, samples, 1.0) for model in (trainer.actor, trainer.reference))
@@ -139,7 +139,7 @@ def test_train_logs_metrics_file_and_offline_wandb_run(make_cfg, tmp_path):
 def test_eval_kl_is_the_summed_log_ratio_of_the_held_out_samples(make_cfg):
     # eval/kl = mean over held-out responses of sum_t (log pi - log pi_ref), recomputed here from the same
     # samples (same seed) with a naive per-position log_softmax of each model.
-    from rlhf.run import evaluate
+    from rlhf.app.run import evaluate
 
     trainer, train_prompts, eval_prompts = build_trainer(make_cfg("rollout.batch_size=16"))
     trainer.step(train_prompts[:16])  # the actor moves away from the reference
@@ -177,7 +177,7 @@ def test_default_task_reward_rises(make_cfg):
 def test_default_reference_knows_the_answers_but_samples_diffusely(make_cfg):
     # The built-in warm-up: the answers are the tiny actor's mode (greedy >= target) while its samples
     # are right at most half the time, so PPO has something to learn and the KL something to measure.
-    from rlhf.build import resolve_actor_paths
+    from rlhf.app.build import resolve_actor_paths
 
     cfg = make_cfg()
     model_dir, tokenizer_dir = resolve_actor_paths(cfg)

@@ -7,21 +7,26 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, wait
 from typing import TypeVar
 
 import torch
 from torch import nn
 
-from rlhf.distributed import Distributed
-from rlhf.experience import Experience, compute_logprobs, compute_values, make_experience
-from rlhf.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
-from rlhf.masked import masked_mean, masked_var
-from rlhf.models import action_logits, action_values
-from rlhf.reward import check_finite
-from rlhf.rollout import Samples, generate
+from rlhf.core.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from rlhf.core.masked import masked_mean
+from rlhf.core.types import Experience, Samples
+from rlhf.models.actions import action_logits, action_values
+from rlhf.models.generation import generate
+from rlhf.ppo.experience import compute_logprobs, compute_values, make_experience
+from rlhf.ppo.metrics import rollout_metrics, score_metrics
+from rlhf.rewards.normalize import check_finite
+from rlhf.runtime.distributed import Distributed
+from rlhf.runtime.threads import model_threads
 
 A = TypeVar("A")
+
+
 B = TypeVar("B")
 
 
@@ -376,93 +381,6 @@ class PPOTrainer:
         if self.critic_optimizer is not None:
             metrics["optim/critic_lr"] = self.critic_optimizer.param_groups[0]["lr"]
         return metrics
-
-
-def model_threads(num_threads: int | None) -> ThreadPoolExecutor:
-    """Two worker threads, each running its torch ops on half of ``num_threads`` intra-op threads
-    (at least one): two models side by side on a CPU's cores."""
-    per_thread = max(1, (num_threads or torch.get_num_threads()) // 2)
-    return ThreadPoolExecutor(
-        2, thread_name_prefix="rlhf-model", initializer=torch.set_num_threads, initargs=(per_thread,)
-    )
-
-
-def token_debug_rows(samples: Samples, exp: Experience, tokenizer, num_samples: int) -> list[dict]:
-    """One row per action token of the first ``num_samples`` samples: the view that exposes
-    off-by-one and padding bugs (the score must sit on the EOS row, nothing after it)."""
-    rows = []
-    responses = samples.sequences[:, -samples.num_actions :]
-    for i in range(min(num_samples, responses.shape[0])):
-        for t in range(int(exp.action_mask[i].sum())):
-            rows.append({
-                "sample": i, "position": t, "token": tokenizer.decode([int(responses[i, t])]),
-                "logprob": exp.old_logprobs[i, t].item(), "ref_logprob": exp.ref_logprobs[i, t].item(),
-                "kl": exp.kl[i, t].item(), "value": exp.old_values[i, t].item(), "reward": exp.rewards[i, t].item(),
-                "advantage": exp.advantages[i, t].item(), "return": exp.returns[i, t].item(),
-            })  # fmt: skip
-    return rows
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var[returns - values] / Var[returns] over action tokens (1 is perfect, <= 0 is useless).
-
-    One rollout's figure is ill-conditioned when its returns hardly vary (every answer right, only
-    the KL penalty left): a critic right in expectation then scores far below 0. ``health/explained_var``
-    pools the two variances over several rollouts (``rlhf.health``)."""
-    var_returns = masked_var(returns, mask)
-    return float(1.0 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8))
-
-
-def score_metrics(*, raw_scores: torch.Tensor, scores: torch.Tensor, finite: torch.Tensor) -> dict[str, float]:
-    """Mean and std of the rollout's scores over the samples with a finite score: ``objective/scores*``
-    in the reward's own units (``raw_scores``, (B,)), ``objective/scores_normalized*`` as trained on
-    (``scores``, (B,), after ``reward.normalize`` and ``reward.clip``)."""
-
-    def mean_std(values: torch.Tensor) -> tuple[float, float]:
-        return values.mean().item(), values.std().item() if len(values) > 1 else 0.0
-
-    raw_mean, raw_std = mean_std(raw_scores[finite])
-    normalized_mean, normalized_std = mean_std(scores[finite.to(scores.device)])
-    return {
-        "objective/scores": raw_mean,
-        "objective/scores_std": raw_std,
-        "objective/scores_normalized": normalized_mean,
-        "objective/scores_normalized_std": normalized_std,
-        "objective/nonfinite_scores": int((~finite).sum()),
-    }
-
-
-def value_metrics(*, values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """The critic's (B, A) values against the (B, A) returns over action tokens: explained variance,
-    the two variances it is made of (pooled over rollouts by ``health/explained_var``) and the means."""
-    return {
-        "val/explained_var": explained_variance(values, returns, mask),
-        "val/returns_var": masked_var(returns, mask).item(),
-        "val/residual_var": masked_var(returns - values, mask).item(),
-        "val/values_mean": masked_mean(values, mask).item(),
-        "val/returns_mean": masked_mean(returns, mask).item(),
-    }
-
-
-def rollout_metrics(samples: Samples, exp: Experience, kl_coef: float) -> dict[str, float]:
-    """Objective, KL, advantage and rollout statistics of one batch."""
-    mask = exp.action_mask
-    k1 = (exp.old_logprobs - exp.ref_logprobs) * mask
-    num_tokens = mask.sum().clamp(min=1)
-    return {
-        "objective/rlhf_reward": exp.rewards.sum(dim=1).mean().item(),
-        "objective/kl": k1.sum(dim=1).mean().item(),
-        "objective/kl_per_token": (k1.sum() / num_tokens).item(),
-        "objective/kl_penalty": exp.kl.sum(dim=1).mean().item(),
-        "objective/kl_coef": kl_coef,
-        "objective/entropy": (-exp.old_logprobs * mask).sum(dim=1).mean().item(),
-        "objective/neg_kl_frac": ((k1 < 0) & mask).sum().item() / num_tokens.item(),
-        **value_metrics(values=exp.old_values, returns=exp.returns, mask=mask),  # the values before the update
-        "adv/mean": masked_mean(exp.advantages, mask).item(),
-        "adv/std": masked_var(exp.advantages, mask).sqrt().item(),
-        "rollout/response_length": samples.response_length.mean().item(),
-        "rollout/eos_rate": 1.0 - samples.truncated.float().mean().item(),
-    }
 
 
 def parameters_of(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf.config import DISTRIBUTED_KINDS
+from rlhf.config.schema import DISTRIBUTED_KINDS
 
 # What DeepSpeed logs (on its "DeepSpeed" logger, to stdout) when it is imported on a machine without GPUs.
 DEEPSPEED_DETECTION = "Setting accelerator to"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.masked import masked_mean
+from rlhf.core.masked import masked_mean
 
 
 def policy_loss(

@@ -44,31 +44,52 @@ from omegaconf import grammar_parser
 from omegaconf.errors import GrammarParseError
 from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
 
-from rlhf.config import ConfigError, check_override_key
+from rlhf.config.errors import ConfigError
+from rlhf.config.validate import check_override_key
 
 ALLOW_TARGET_FLAG = "--allow-target"
+
+
 # The project's reward functions (conf/reward/arithmetic.yaml names rlhf.tasks.arithmetic).
 REWARD_PACKAGES = ("rlhf.tasks",)
+
+
 # Optimizers and LR schedulers: a class from here must also subclass torch's Optimizer or LRScheduler.
 OPTIMIZER_PACKAGES = ("torch.optim",)
+
+
 # Resolvers that only read (the environment, the clock, Hydra's config); oc.decode and oc.create would
 # turn a string into a config with a `_target_` that no check saw.
 ALLOWED_RESOLVERS = frozenset({"oc.env", "now", "hydra"})
+
+
 # Keys besides `_target_` whose value Hydra or a plugin imports and calls.
 CALLABLE_KEYS = frozenset({"hydra.sweeper.custom_search_space"})
+
+
 # Environment variables that change which code a process loads: the dynamic loader's, interpreters'
 # start-up and search paths, shells' start-up files, and the executable search path.
 LOADER_VARIABLE_PREFIXES = ("LD_", "DYLD_", "PYTHON", "BASH_FUNC_", "PERL5", "RUBY", "NODE_", "GCONV", "GLIBC_")
+
+
 LOADER_VARIABLES = frozenset(
     {"BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "IFS", "PATH", "TORCH_EXTENSIONS_DIR"}
 )
+
+
 _LOGGING_KEYS = (("hydra", "job_logging"), ("hydra", "hydra_logging"))
+
+
 # Keys of a logging handler that choose the file it writes ("" is a part of the `.` key, which dictConfig
 # uses to set attributes such as baseFilename); the log stays <run dir>/<job name>.log.
 _LOG_FILE_KEYS = frozenset({"filename", "mode", "delay", "baseFilename", ""})
+
+
 # Checked by where a value lands, so a value at, above or inside them may not reference another key
 # (`+foo={LD_PRELOAD:x} hydra.job.env_set=${foo}` would put an unchecked dict there).
 _CHECKED_BY_PATH = (("hydra", "job", "env_set"), *_LOGGING_KEYS)
+
+
 _DOTTED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
@@ -129,7 +150,7 @@ def checked_argv(argv: Sequence[str], *, conf_dir: Path | None = None) -> list[s
 
 def check_keys(overrides: Sequence[str], *, conf_dir: Path | None = None) -> None:
     """Raise ``ConfigError`` for the first override of a key the schema lacks or of a config group
-    option that is not a file of ``conf_dir`` (``rlhf.config.check_override_key``). Hydra's own keys,
+    option that is not a file of ``conf_dir`` (``rlhf.config.validate.check_override_key``). Hydra's own keys,
     deletions and overrides of a group's path (``hydra/launcher=joblib``) are Hydra's to check."""
     parsed = [OverridesParser.create().parse_override(line) for line in overrides]
     if any(o.key_or_group.startswith("hydra.searchpath") for o in parsed):

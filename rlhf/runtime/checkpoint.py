@@ -32,11 +32,14 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rlhf.config import loggable_config
+from rlhf.config.redact import loggable_config
 
 log = logging.getLogger(__name__)
 
+
 MANIFEST = "manifest.json"
+
+
 PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "wandb", "accelerate", "peft", "rlhf")
 
 
@@ -286,6 +289,8 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
 
 # Config keys that may differ between a checkpoint and the run resuming from it.
 RESUMABLE_CHANGES = ("trainer.steps", "trainer.resume", "trainer.allow_config_change", "logging.progress_bar")
+
+
 # May differ too while it follows trainer.steps (see schedule_follows_steps).
 SCHEDULE_LENGTH = "optimizer.scheduler.total_iters"
 

@@ -22,18 +22,26 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from rlhf.config import TinyModelConfig
-from rlhf.models import load_tokenizer, position_ids_from
-from rlhf.rollout import encode_prompts, generate
+from rlhf.config.schema import TinyModelConfig
+from rlhf.models.actions import position_ids_from
+from rlhf.models.generation import encode_prompts, generate
+from rlhf.models.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
 
+
 # Bump when the build itself changes, so old caches are not reused.
 BUILD_VERSION = 2
+
+
 # Prompt-length bound of the warm-up: the task's prompts are far shorter, so the build never depends
 # on the run's data.max_prompt_length (and a changed setting never rebuilds the model).
 WARMUP_MAX_PROMPT_LENGTH = 64
+
+
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"]
+
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'user' %}<|user|>{{ message['content'] }}"

@@ -18,11 +18,11 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from rlhf.config import _ENV_INTERPOLATION
-
 # Shorter environment values are not scrubbed: replacing "1" or "on" everywhere would mangle every
 # number and word of a log, and such values are no secrets.
 MIN_SECRET_LENGTH = 4
+
+
 # The variable's name in each ${oc.env:NAME...}, also written `${oc.env: NAME}`, `${oc.env:"NAME"}` or
 # inside another's default (`${oc.env:A,${oc.env:B}}`): OmegaConf reads all of these.
 _ENV_NAME = re.compile(r"""\$\{\s*oc\.env\s*:\s*['"]?([^,}'"\s]+)""")
@@ -110,3 +110,23 @@ class Redactor(logging.Filter):
     def uninstall(self, handlers: list[logging.Handler]) -> None:
         for handler in handlers:
             handler.removeFilter(self)
+
+
+# ${oc.env:NAME} or ${oc.env:NAME,default}: a value read from the environment.
+_ENV_INTERPOLATION = re.compile(r"\$\{oc\.env:([^,}]+)[^}]*\}")
+
+
+def loggable_config(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain values, for W&B and checkpoints, with each value read from the
+    environment (``${oc.env:NAME}``) replaced by ``<env NAME>``: a secret passed that way (an API
+    token) is used by the run but never logged or saved."""
+
+    def redact(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {key: redact(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [redact(value) for value in node]
+        return _ENV_INTERPOLATION.sub(r"<env \1>", node) if isinstance(node, str) else node
+
+    raw = OmegaConf.to_container(cfg, resolve=False)  # interpolations still as text
+    return OmegaConf.to_container(OmegaConf.create(redact(raw)), resolve=True)

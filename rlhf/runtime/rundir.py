@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 LOCK_FILE = ".lock"
+
+
 # Run dirs this process holds: the job wrapper takes the lock before it writes status.json, and
 # train() (also called directly) takes it again; a second flock from the same process would block.
 _HELD: set[Path] = set()

@@ -20,6 +20,7 @@ from types import FrameType
 
 log = logging.getLogger(__name__)
 
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 

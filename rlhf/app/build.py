@@ -1,6 +1,6 @@
 """Build a run from a composed config: validate it, then prompts, tokenizer, reward, the four
 models, optimizers, LR schedulers and KL controller, in the order that reports bad input before any
-model is loaded. ``build_trainer(cfg)`` is what ``rlhf.run.train`` and the tests call.
+model is loaded. ``build_trainer(cfg)`` is what ``rlhf.app.run.train`` and the tests call.
 """
 
 from __future__ import annotations
@@ -18,25 +18,26 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from rlhf.config import DataConfig, validate
-from rlhf.data import fit_prompt_lengths, load_prompts
-from rlhf.distributed import Distributed, deepspeed_config
-from rlhf.kl import make_kl_controller
-from rlhf.models import (
+from rlhf.config.schema import DataConfig
+from rlhf.config.validate import validate
+from rlhf.core.kl import make_kl_controller
+from rlhf.data.prompts import fit_prompt_lengths, load_prompts
+from rlhf.models.critic import build_critic, shares_vocabulary
+from rlhf.models.loading import (
     AdapterDisabledReference,
     add_lora,
-    build_critic,
     check_context_length,
     frozen_copy,
     load_actor,
     load_tokenizer,
-    shares_vocabulary,
     trunk_of,
 )
-from rlhf.reward import RewardNormalizer, build_reward
+from rlhf.models.tiny import ensure_tiny_actor
+from rlhf.ppo.trainer import PPOTrainer
+from rlhf.rewards.normalize import RewardNormalizer
+from rlhf.rewards.scorers import build_reward
+from rlhf.runtime.distributed import Distributed, deepspeed_config
 from rlhf.tasks.arithmetic import exact_match_reward, solve, split_prompts
-from rlhf.tiny import ensure_tiny_actor
-from rlhf.trainer import PPOTrainer
 
 log = logging.getLogger(__name__)
 

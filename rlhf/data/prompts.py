@@ -7,14 +7,17 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rlhf.config import InputError
+from rlhf.config.errors import InputError
 from rlhf.tasks import arithmetic
 
 if TYPE_CHECKING:  # reading prompts needs neither torch nor transformers: it runs before they are imported
     from transformers import PreTrainedTokenizerBase
 
+
 # File suffix -> the `datasets` builder that reads it.
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
 OVERLONG_POLICIES = ("error", "filter", "truncate")
 
 
@@ -79,7 +82,7 @@ def load_prompts(data) -> tuple[list[str], list[str]]:
 
 def templated_lengths(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[int]:
     """Length in tokens of each prompt after the chat template."""
-    from rlhf.rollout import format_prompts  # torch and transformers: imported by then
+    from rlhf.models.generation import format_prompts  # torch and transformers: imported by then
 
     return [len(ids) for ids in tokenizer(format_prompts(tokenizer, prompts), add_special_tokens=False)["input_ids"]]
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
+
 # Rollouts pooled by health/explained_var: enough that some of them hold wrong answers when the policy
 # is right 97 % of the time on batches of 64 (a whole batch right happens every ~7 steps).
 EXPLAINED_VAR_WINDOW = 10

@@ -8,7 +8,6 @@ or an HTTP endpoint. ``RewardNormalizer`` optionally rescales and clips training
 from __future__ import annotations
 
 import json
-import math
 import time
 import urllib.error
 import urllib.request
@@ -18,8 +17,8 @@ import hydra
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf.models import DTYPES, disable_dropout, loading
-from rlhf.redact import mask_url, mask_url_in
+from rlhf.config.redact import mask_url, mask_url_in
+from rlhf.models.loading import DTYPES, disable_dropout, loading
 
 
 class FunctionReward:
@@ -151,44 +150,6 @@ class HTTPReward:
         return [float(score) for score in scores]
 
 
-class RewardNormalizer:
-    """Training-reward transform: ``running`` (subtract the running mean, divide by the running std,
-    over every score seen so far including this batch), ``fixed`` (gain * score + bias) or ``none``;
-    then clip to [-clip, clip] when ``clip`` is set. Held-out evaluation always reports raw scores."""
-
-    def __init__(self, kind: str, gain: float = 1.0, bias: float = 0.0, clip: float | None = None):
-        self.kind, self.gain, self.bias, self.clip = kind, gain, bias, clip
-        self.count, self.mean, self.m2 = 0, 0.0, 0.0  # running moments (Chan et al. parallel update)
-
-    def state_dict(self) -> dict[str, float]:
-        return {"count": self.count, "mean": self.mean, "m2": self.m2}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
-
-    def update(self, scores: torch.Tensor) -> None:
-        n, mean = scores.numel(), scores.double().mean().item()
-        m2 = ((scores.double() - mean) ** 2).sum().item()
-        delta, total = mean - self.mean, self.count + n
-        self.mean += delta * n / total
-        self.m2 += m2 + delta**2 * self.count * n / total
-        self.count = total
-
-    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
-        if self.kind == "running":
-            self.update(scores)
-            scores = (scores - self.mean) / max(self.std, 1e-8)
-        elif self.kind == "fixed":
-            scores = self.gain * scores + self.bias
-        if self.clip is not None:
-            scores = scores.clamp(-self.clip, self.clip)
-        return scores
-
-
 def build_reward(reward, device: torch.device) -> FunctionReward | ClassifierReward | HTTPReward:
     """The reward of a run from the ``reward`` config group."""
     if reward.kind == "function":
@@ -200,13 +161,3 @@ def build_reward(reward, device: torch.device) -> FunctionReward | ClassifierRew
     if reward.kind == "http":
         return HTTPReward(reward.url, reward.timeout, reward.retries, reward.batch_size, dict(reward.headers))
     raise ValueError(f"reward.kind={reward.kind!r}: expected 'function', 'model' or 'http'")
-
-
-def check_finite(scores: torch.Tensor, where: str) -> None:
-    """Stop before any update when a score is NaN or infinite, naming where (``"step 3"``) and the samples."""
-    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(
-            f"{where}: the reward is not finite for sample(s) {bad} (scores {scores[bad].tolist()}); "
-            "reward.on_nonfinite=mask drops such samples instead"
-        )

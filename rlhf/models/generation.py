@@ -4,26 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-
-@dataclass
-class Samples:
-    """What the rollout knows. B samples, P prompt positions (left-padded), A response positions."""
-
-    sequences: torch.Tensor  # (B, T) prompt (left-padded) then response (right-padded), T = P + A
-    attention_mask: torch.Tensor  # (B, T) 1 for real prompt tokens and actions, 0 for padding
-    action_mask: torch.Tensor  # (B, A) bool, True for response tokens up to and including the first EOS
-    num_actions: int  # A
-    response_length: torch.Tensor  # (B,) float, number of actions per row
-    total_length: torch.Tensor  # (B,) float, real prompt tokens + actions per row
-    truncated: torch.Tensor  # (B,) bool, True when the response hit max_new_tokens without EOS
-    prompts: list[str]  # the B raw prompts (before the chat template)
-    responses: list[str]  # the B decoded responses, special tokens removed
+from rlhf.core.types import Samples
 
 
 def format_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[str]:

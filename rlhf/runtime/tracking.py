@@ -16,7 +16,7 @@ from typing import Any
 
 import wandb
 
-from rlhf import jsonl
+from rlhf.runtime import jsonl
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,11 @@ def _read(path: Path) -> str:
 # The files of the run dir a run owns (and may cut back or start anew): its metrics and the tables it logs,
 # each appended to ``<name>.jsonl``. Any other file there (the user's prompts.jsonl...) is never touched.
 METRICS_FILE = "metrics.jsonl"
+
+
 TABLES = ("samples", "token_debug")
+
+
 RUN_FILES = (METRICS_FILE, *(f"{name}.jsonl" for name in TABLES))
 
 
@@ -173,7 +177,7 @@ def _table(rows: list[dict[str, Any]]) -> wandb.Table:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``.jsonl`` file of the run, each with its ``step`` (``rlhf.jsonl.read_rows``)."""
+    """The rows of a ``.jsonl`` file of the run, each with its ``step`` (``rlhf.runtime.jsonl.read_rows``)."""
     return jsonl.read_rows(path, required_key="step")
 
 
@@ -182,7 +186,11 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 # protobuf ``Record``. W&B 0.31 has no Python reader of it, and a process killed with SIGKILL leaves
 # up to ``x_transaction_log_flush_interval`` (15 s) of records unwritten.
 _WANDB_HEADER = b":W&B"
+
+
 _BLOCK, _CHUNK_HEADER = 32768, 7
+
+
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 

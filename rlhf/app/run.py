@@ -1,5 +1,5 @@
-"""``train(cfg)``: build the run from a composed config (``rlhf.build``) and loop PPO iterations,
-checkpointing and resuming (``rlhf.checkpoint``) and stopping cleanly on SIGTERM/SIGINT.
+"""``train(cfg)``: build the run from a composed config (``rlhf.app.build``) and loop PPO iterations,
+checkpointing and resuming (``rlhf.runtime.checkpoint``) and stopping cleanly on SIGTERM/SIGINT.
 
 Entry point: ``python train.py`` (see README). Tests call ``train(cfg)`` directly.
 """
@@ -17,8 +17,14 @@ import yaml
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from rlhf.build import build_trainer, make_schedulers
-from rlhf.checkpoint import (
+from rlhf.app.build import build_trainer, make_schedulers
+from rlhf.app.jobinfo import group_of, run_dir_of, run_name_of, shares_console
+from rlhf.config.redact import loggable_config
+from rlhf.config.validate import validate
+from rlhf.data.prompts import PromptSampler
+from rlhf.ppo.metrics import token_debug_rows
+from rlhf.ppo.trainer import PPOTrainer
+from rlhf.runtime.checkpoint import (
     capture_rng,
     checkpoint_path,
     complete_checkpoints,
@@ -29,16 +35,14 @@ from rlhf.checkpoint import (
     save_checkpoint,
     untied,
 )
-from rlhf.config import loggable_config, validate
-from rlhf.data import PromptSampler
-from rlhf.health import HealthMonitor
-from rlhf.job import group_of, run_dir_of, run_name_of, shares_console, write_status
-from rlhf.rundir import locked_run_dir
-from rlhf.signals import RunInterrupted, StopSignals
-from rlhf.tracking import NullTracker, Tracker
-from rlhf.trainer import PPOTrainer, token_debug_rows
+from rlhf.runtime.health import HealthMonitor
+from rlhf.runtime.rundir import locked_run_dir
+from rlhf.runtime.signals import RunInterrupted, StopSignals
+from rlhf.runtime.status import write_status
+from rlhf.runtime.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
+
 
 ENGINES = "deepspeed"  # a checkpoint's folder of DeepSpeed engine checkpoints
 

@@ -1,0 +1,1 @@
+"""The application: the composition root (build), the run loop and the Hydra job."""

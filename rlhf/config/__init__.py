@@ -1,0 +1,1 @@
+"""The run's schema, its validation, the command-line guard and secret redaction."""

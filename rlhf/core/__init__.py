@@ -1,0 +1,1 @@
+"""Torch-only math and the containers passed between stages: no config, no transformers."""

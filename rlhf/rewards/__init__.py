@@ -1,0 +1,1 @@
+"""Reward scorers (function, classifier, HTTP service) and their normalisation."""

@@ -1,0 +1,1 @@
+"""The machinery of a run: processes, threads, checkpoints, tracking, health, signals."""
