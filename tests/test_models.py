@@ -8,8 +8,8 @@ import torch
 from rlhf.config.schema import TinyModelConfig
 from rlhf.core.kl import shape_rewards
 from rlhf.core.losses import logprobs_from_logits
-from rlhf.models.actions import action_logits, action_values
-from rlhf.models.critic import build_critic
+from rlhf.models.actions import action_logits
+from rlhf.models.critic import action_values, build_critic
 from rlhf.models.generation import action_mask_after_eos, encode_prompts, generate
 from rlhf.models.loading import load_tokenizer
 from rlhf.models.tiny import build_model, build_tokenizer

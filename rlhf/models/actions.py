@@ -1,18 +1,14 @@
-"""Per-action outputs of a causal LM or critic: logits and values at the response positions."""
+"""Per-action outputs of a causal LM: position ids and the logits that predict the response tokens."""
 
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import (
     PreTrainedModel,
 )
-
-if TYPE_CHECKING:
-    from rlhf.models.critic import Critic  # the critic's module imports this one
 
 
 def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -41,11 +37,3 @@ def _takes_logits_to_keep(model: nn.Module) -> bool:
     model = getattr(model, "module", model)  # through DistributedDataParallel
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through a peft wrapper
     return "logits_to_keep" in inspect.signature(base.forward).parameters
-
-
-def action_values(
-    critic: Critic, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int
-) -> torch.Tensor:
-    """V(s_t) before each response token: (B, A), read at the position that precedes it."""
-    values = critic(sequences, attention_mask)  # (B, T)
-    return values[:, -num_actions - 1 : -1]  # (B, A): the state before action t ends at t - 1

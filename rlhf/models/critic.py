@@ -1,4 +1,5 @@
-"""The critic: a backbone with a scalar value head, and how it is built from the config's choice."""
+"""The critic: a backbone with a scalar value head, how it is built from the config's choice, and
+its values at the response positions."""
 
 from __future__ import annotations
 
@@ -78,3 +79,11 @@ def build_critic(
         raise ValueError(f"model.critic_init={init!r}: expected actor, reward_model or path")
     critic = Critic(backbone, backbone.config.hidden_size, value_head_std)
     return critic.to(device=actor.device, dtype=actor.dtype)
+
+
+def action_values(
+    critic: Critic, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int
+) -> torch.Tensor:
+    """V(s_t) before each response token: (B, A), read at the position that precedes it."""
+    values = critic(sequences, attention_mask)  # (B, T)
+    return values[:, -num_actions - 1 : -1]  # (B, A): the state before action t ends at t - 1

@@ -13,7 +13,8 @@ from rlhf.core.kl import kl_estimate, shape_rewards
 from rlhf.core.losses import logprobs_from_logits
 from rlhf.core.masked import masked_whiten
 from rlhf.core.types import Experience, Samples
-from rlhf.models.actions import action_logits, action_values
+from rlhf.models.actions import action_logits
+from rlhf.models.critic import action_values
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ from torch import nn
 from rlhf.core.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from rlhf.core.masked import masked_mean
 from rlhf.core.types import Experience, Samples
-from rlhf.models.actions import action_logits, action_values
+from rlhf.models.actions import action_logits
+from rlhf.models.critic import action_values
 from rlhf.models.generation import generate
 from rlhf.ppo.experience import compute_logprobs, compute_values, make_experience
 from rlhf.ppo.metrics import rollout_metrics, score_metrics
