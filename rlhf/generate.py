@@ -127,7 +127,13 @@ def main(argv: list[str] | None = None) -> None:
     temperature = args.temperature or cfg.rollout.temperature
     max_new_tokens = args.max_new_tokens or cfg.rollout.max_new_tokens
     samples = generate(
-        actor, tokenizer, prompts, max_new_tokens, temperature, cfg.data.max_prompt_length, do_sample=not args.greedy
+        actor,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        max_prompt_length=cfg.data.max_prompt_length,
+        do_sample=not args.greedy,
     )
     scores = reward(samples.prompts, samples.responses).float()
     penalty = cfg.reward.missing_eos_penalty  # as in training: a response cut at max_new_tokens gets it

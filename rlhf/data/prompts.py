@@ -73,8 +73,10 @@ def load_prompts(data) -> tuple[list[str], list[str]]:
             data.eval_path, data.prompt_key, data.eval_split, data.cache_dir, key="data.eval_path"
         )
     if not 0 < data.num_eval < len(prompts):
-        raise InputError(f"data.num_eval={data.num_eval} must be between 1 and {len(prompts) - 1}, "
-                         f"the number of prompts in {data.path!r} less one")  # fmt: skip
+        raise InputError(
+            f"data.num_eval={data.num_eval} must be between 1 and {len(prompts) - 1}, "
+            f"the number of prompts in {data.path!r} less one"
+        )
     shuffled = list(prompts)
     random.Random(data.seed).shuffle(shuffled)
     return shuffled[data.num_eval :], shuffled[: data.num_eval]

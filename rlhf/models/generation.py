@@ -83,6 +83,7 @@ def generate(
     actor: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
+    *,
     max_new_tokens: int,
     temperature: float,
     max_prompt_length: int,

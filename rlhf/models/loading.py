@@ -139,8 +139,9 @@ def add_lora(model: PreTrainedModel, r: int, alpha: float, dropout: float, targe
     """The model with LoRA adapters (peft); only adapter weights require grad."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                        task_type="CAUSAL_LM")  # fmt: skip
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, config)
 
 

@@ -114,14 +114,41 @@ def accuracy(
     tokenizer: PreTrainedTokenizerFast,
     prompts: list[str],
     reward_fn: Callable[[list[str], list[str]], list[float]],
+    *,
     max_new_tokens: int,
-    temperature: float,
     max_prompt_length: int,
     do_sample: bool,
 ) -> float:
-    """Mean reward of sampled (or greedy) responses on ``prompts``."""
-    samples = generate(model, tokenizer, prompts, max_new_tokens, temperature, max_prompt_length, do_sample)
+    """Mean reward of sampled (temperature 1) or greedy responses on ``prompts``."""
+    samples = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        max_prompt_length=max_prompt_length,
+        do_sample=do_sample,
+    )
     return float(sum(reward_fn(samples.prompts, samples.responses)) / len(prompts))
+
+
+def sft_step(
+    model: Qwen2ForCausalLM, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], label_smoothing: float
+) -> None:
+    """One supervised step: cross-entropy of the labelled tokens (the answer and EOS), smoothed."""
+    model.train()
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=position_ids_from(batch["attention_mask"]),
+    ).logits[:, :-1]  # (B, T - 1, V): position t predicts token t + 1
+    labels = batch["labels"][:, 1:].flatten()  # token t + 1
+    loss = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), labels, ignore_index=-100, label_smoothing=label_smoothing
+    )
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
 
 
 def warm_up(
@@ -148,17 +175,15 @@ def warm_up(
     bar = tqdm(total=cfg.warmup_max_steps, desc="building the tiny actor", disable=not progress_bar, leave=False)
     for step in range(cfg.warmup_max_steps + 1):
         if step % cfg.warmup_eval_every == 0 or step == cfg.warmup_max_steps:
-            args = (model, tokenizer, eval_prompts, reward_fn, max_new_tokens, 1.0, max_prompt_length)
-            greedy = accuracy(*args, do_sample=False)
+            sizes = {"max_new_tokens": max_new_tokens, "max_prompt_length": max_prompt_length}
+            greedy = accuracy(model, tokenizer, eval_prompts, reward_fn, **sizes, do_sample=False)
             bar.set_postfix(greedy_accuracy=f"{greedy:.3f}", target=cfg.warmup_target_accuracy)
             if greedy >= cfg.warmup_target_accuracy or step == cfg.warmup_max_steps:
                 bar.close()
-                sampled = accuracy(*args, do_sample=True)
+                sampled = accuracy(model, tokenizer, eval_prompts, reward_fn, **sizes, do_sample=True)
                 log.info(
                     "tiny actor built in %d warm-up steps: held-out accuracy %.3f greedy, %.3f sampled",
-                    step,
-                    greedy,
-                    sampled,
+                    *(step, greedy, sampled),
                 )
                 return greedy, sampled
         bar.update()
@@ -166,19 +191,7 @@ def warm_up(
         batch = sft_batch(
             tokenizer, [train_prompts[i] for i in idx], [train_answers[i] for i in idx], max_prompt_length
         )
-        model.train()
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=position_ids_from(batch["attention_mask"]),
-        ).logits[:, :-1]  # (B, T - 1, V): position t predicts token t + 1
-        loss = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100,
-            label_smoothing=cfg.warmup_label_smoothing,
-        )  # fmt: skip
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        sft_step(model, optimizer, batch, cfg.warmup_label_smoothing)
     raise AssertionError("unreachable: the last step always returns")
 
 

@@ -101,9 +101,15 @@ class PPOTrainer:
         """Responses of the current actor to ``prompts`` with the rollout settings."""
         rollout = self.cfg.rollout
         return generate(
-            self.actor, self.tokenizer, prompts, rollout.max_new_tokens, rollout.temperature,
-            self.cfg.data.max_prompt_length, do_sample=do_sample, synced=self.dist.sharded,
-        )  # fmt: skip
+            self.actor,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=rollout.max_new_tokens,
+            temperature=rollout.temperature,
+            max_prompt_length=self.cfg.data.max_prompt_length,
+            do_sample=do_sample,
+            synced=self.dist.sharded,
+        )
 
     def score(self, samples: Samples, evaluation: bool = False) -> torch.Tensor:
         """(B,) scores, with the missing-EOS penalty replacing the score of truncated responses.

@@ -109,8 +109,8 @@ class HTTPReward:
     def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         scores: list[float] = []
         for start in range(0, len(prompts), self.batch_size):
-            batch = {"prompts": prompts[start : start + self.batch_size],
-                     "responses": responses[start : start + self.batch_size]}  # fmt: skip
+            rows = slice(start, start + self.batch_size)
+            batch = {"prompts": prompts[rows], "responses": responses[rows]}
             scores += self.post(batch, offset=start)
         return torch.tensor(scores, dtype=torch.float32)
 
