@@ -20,7 +20,7 @@ import rlhf.rewards.scorers
 from rlhf.app.build import build_trainer, resolve_actor_paths
 from rlhf.config.redact import loggable_config
 from rlhf.runtime.checkpoint import find_resume_checkpoint, save_checkpoint
-from tests.conftest import REPO, compose
+from tests.helpers import REPO, compose
 from tests.stand_ins import save_tiny_qwen
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from rlhf.config.redact import mask_url, mask_url_in
 from rlhf.runtime.status import write_status
-from tests.conftest import REPO, wandb_inspect
+from tests.helpers import REPO, wandb_inspect
 
 TINY = [
     "trainer.steps=1",

@@ -9,9 +9,8 @@ from transformers import AutoModel
 from rlhf.app.build import build_trainer
 from rlhf.config.errors import ConfigError
 from rlhf.config.validate import validate
-from tests.conftest import compose
+from tests.helpers import compose
 from tests.stand_ins import save_tiny_deberta_reward_model
-from tests.test_train import reward_model_dir  # noqa: F401 (a fixture: Qwen2 classifier on the tiny tokenizer)
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -13,7 +13,7 @@ from rlhf.config.validate import validate
 from rlhf.data.prompts import fit_prompt_lengths, load_prompts, read_prompt_column
 from rlhf.models.loading import load_tokenizer
 from rlhf.models.tiny import build_tokenizer
-from tests.conftest import compose
+from tests.helpers import compose
 
 PROMPTS = [f"{a}+{b}=" for a in range(6) for b in range(6)]
 

@@ -11,7 +11,7 @@ from rlhf.config.errors import ConfigError
 from rlhf.config.validate import validate
 from rlhf.models.loading import load_actor
 from rlhf.ppo.experience import compute_logprobs
-from tests.conftest import compose
+from tests.helpers import compose
 
 
 def test_lora_trains_adapters_only_and_keeps_one_base_copy(make_cfg):

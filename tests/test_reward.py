@@ -177,7 +177,7 @@ def test_chat_input_format_needs_a_chat_template(make_cfg, tmp_path):
 def test_unknown_input_format_is_refused():
     from rlhf.config.errors import ConfigError
     from rlhf.config.validate import validate
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     with pytest.raises(ConfigError, match=r"^reward.input_format='text' is not allowed: one of pair, chat"):
         validate(compose(["reward=classifier", "reward.path=x", "reward.input_format=text"]))
