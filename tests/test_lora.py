@@ -50,11 +50,6 @@ def test_lora_trains_adapters_only_and_keeps_one_base_copy(make_cfg):
     assert sum(storages.values()) == base_numel + adapter_numel + head_numel
 
 
-def test_lora_needs_the_shared_critic():
-    with pytest.raises(ConfigError, match=r"^model.shared_critic=False is not allowed: model.lora.enabled=true"):
-        validate(compose(["model.lora.enabled=true"]))
-
-
 def test_lora_run_saves_the_adapters_only(make_cfg, tmp_path):
     from rlhf.app.run import train
 
