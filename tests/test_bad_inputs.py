@@ -113,6 +113,11 @@ CASES = [
     (["model.tiny.hidden_size=65536"], "model.tiny.hidden_size=65536 is not allowed: must be <= 4096", BUILD),
     (["model.tiny.num_hidden_layers=1000"], "model.tiny.num_hidden_layers=1000 is not allowed: must be <= 64", BUILD),
     (
+        ["model.tiny.intermediate_size=1000000"],
+        "model.tiny.intermediate_size=1000000 is not allowed: must be <= 16384",
+        BUILD,
+    ),
+    (
         ["data=dataset", "data.path=some/hub-dataset", "data.num_eval=1000000"],
         "data.num_eval=1000000 is not allowed",
         BUILD,
@@ -168,7 +173,23 @@ CASES = [
         BUILD,
     ),
     (["model.lora.enabled=true"], "model.shared_critic=False is not allowed: model.lora.enabled=true", BUILD),
-    (["model.critic_init=path"], "model.critic_path=None is not allowed", BUILD),
+    (["model.critic_init=path"], "model.critic_path=None is not allowed: model.critic_init=path needs a path", BUILD),
+    (
+        ["model.critic_init=encoder"],
+        "model.critic_init='encoder' is not allowed: one of actor, reward_model, path",
+        BUILD,
+    ),
+    (
+        ["model.critic_init=reward_model"],
+        "model.critic_init='reward_model' is not allowed: critic_init=reward_model needs reward.kind=model",
+        BUILD,
+    ),
+    (
+        ["model.shared_critic=true", "reward=classifier", "reward.path=x", "model.critic_init=reward_model"],
+        "model.critic_init='reward_model' is not allowed: a shared critic (model.shared_critic=true) uses the actor's",
+        BUILD,
+    ),
+    (["model.value_head_std=-1"], "model.value_head_std=-1.0 is not allowed: must be >= 0", BUILD),
     (["reward=http"], "reward.url", BUILD),
     (["reward.on_nonfinite=ignore"], "reward.on_nonfinite='ignore' is not allowed: one of error, mask", BUILD),
     (["ppo.max_consecutive_skips=0"], "ppo.max_consecutive_skips=0 is not allowed: must be > 0", BUILD),

@@ -7,9 +7,6 @@ import torch
 from transformers import AutoModel
 
 from rlhf.app.build import build_trainer
-from rlhf.config.errors import ConfigError
-from rlhf.config.validate import validate
-from tests.helpers import compose
 from tests.stand_ins import save_tiny_deberta_reward_model
 
 
@@ -49,19 +46,3 @@ def test_critic_on_another_vocabulary_is_refused(make_cfg, tmp_path):
     cfg = make_cfg("model.critic_init=path", f"model.critic_path={rm}")
     with pytest.raises(ValueError, match="does not share the actor's vocabulary"):
         build_trainer(cfg)
-
-
-@pytest.mark.parametrize(
-    ("overrides", "key"),
-    [
-        (["model.shared_critic=true", "reward=classifier", "reward.path=x", "model.critic_init=reward_model"],
-         "model.critic_init"),
-        (["model.critic_init=path"], "model.critic_path"),
-        (["model.critic_init=reward_model"], "model.critic_init"),
-        (["model.critic_init=encoder"], "model.critic_init"),
-        (["model.value_head_std=-1"], "model.value_head_std"),
-    ],
-)  # fmt: skip
-def test_bad_critic_settings_name_the_key(overrides, key):
-    with pytest.raises(ConfigError, match=rf"^{key}="):
-        validate(compose(overrides))
