@@ -23,7 +23,7 @@ def test_default_critic_is_a_copy_of_the_actor_trunk(make_cfg):
     assert trainer.critic.value_head.weight.std().item() == pytest.approx(1 / (hidden + 1), rel=0.3)
 
 
-def test_critic_from_the_reward_model_trunk_with_a_zero_head(make_cfg, reward_model_dir):  # noqa: F811
+def test_critic_from_the_reward_model_trunk_with_a_zero_head(make_cfg, reward_model_dir):
     trainer, train_prompts, _ = build_trainer(make_cfg(
         "reward=classifier", f"reward.path={reward_model_dir}", "model.critic_init=reward_model",
         "model.value_head_std=0",
@@ -35,7 +35,7 @@ def test_critic_from_the_reward_model_trunk_with_a_zero_head(make_cfg, reward_mo
     assert trainer.last_experience.old_values.abs().max().item() == 0.0
 
 
-def test_critic_from_a_checkpoint_path(make_cfg, reward_model_dir):  # noqa: F811
+def test_critic_from_a_checkpoint_path(make_cfg, reward_model_dir):
     trainer, _, _ = build_trainer(make_cfg("model.critic_init=path", f"model.critic_path={reward_model_dir}"))
     assert same_weights(trainer.critic.backbone, AutoModel.from_pretrained(reward_model_dir))
 

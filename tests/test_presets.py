@@ -87,7 +87,7 @@ def test_gradient_checkpointing_switch(make_cfg, stand_ins):
 
 
 @pytest.mark.parametrize("experiment", ["lm_human_preferences", "n_implementation_details", "ppo_max"])
-def test_experiment_presets_run_a_step(make_cfg, experiment, reward_model_dir):  # noqa: F811
+def test_experiment_presets_run_a_step(make_cfg, experiment, reward_model_dir):
     # The tiny actor with a Qwen2 reward model on its own vocabulary, so critic_init=reward_model works.
     cfg = make_cfg(
         f"experiment={experiment}", "reward=classifier", f"reward.path={reward_model_dir}",
