@@ -56,9 +56,10 @@ def dataset(files, name, *extra):
 # checks, which must all come before a model is loaded.
 CLI, BUILD = "cli", "build"
 
-# (overrides, what the error must say, how it is run); each bad input once in the whole suite (files
-# tested elsewhere: tests/test_input_errors.py, an empty prompt from the command line before torch is
-# imported). `@name` entries are files made by the `files` fixture.
+# (overrides, what the error must say, how it is run). A bad override is tested here and nowhere else;
+# bad prompt files that need their own set-up are in tests/test_input_errors.py (an empty prompt refused
+# before torch is imported, the one-line error of a file found too long by the tokenizer). `@name`
+# entries are files made by the `files` fixture.
 CASES = [
     # wrong types: refused while Hydra composes the config
     (["kl.beta=abc"], "kl.beta", CLI),
