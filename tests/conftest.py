@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-# Re-exported for modules that still import them from here (tests/test_configs.py, test_distributed.py,
-# ddp_worker.py, skip_worker.py); new code imports them from tests.helpers.
+# Re-exported for modules that still import them from here: tests/test_configs.py, test_distributed.py, and
+# the torchrun workers ddp_worker.py and skip_worker.py, which also want the settings below (one thread,
+# offline); new code imports them from tests.helpers.
 from tests.helpers import CLI_RUN_OVERRIDES, CONF_DIR, FAST, REPO, compose, wandb_inspect  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

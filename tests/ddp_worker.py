@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rlhf.app.build import build_trainer  # noqa: E402
 from rlhf.data.prompts import PromptSampler  # noqa: E402
 from rlhf.ppo.trainer import parameters_of  # noqa: E402
-from tests.helpers import compose  # noqa: E402
+from tests.conftest import compose  # noqa: E402
 
 
 def rows(samples, start: int, end: int):
