@@ -1,4 +1,5 @@
-"""Shared fixtures: offline, single-threaded, and a composed config for any overrides."""
+"""Shared fixtures: offline, single-threaded, a composed config for any overrides, and the tiny models,
+runs and servers several test modules use. Plain functions and constants are in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
+# Re-exported for modules that still import them from here: tests/test_configs.py, test_distributed.py, and
+# the torchrun workers ddp_worker.py and skip_worker.py, which also want the settings below (one thread,
+# offline); new code imports them from tests.helpers.
+from tests.helpers import CLI_RUN_OVERRIDES, CONF_DIR, FAST, REPO, compose, wandb_inspect  # noqa: F401
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(1)
-
-REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
 
 
 @pytest.fixture(scope="session")
@@ -29,29 +32,6 @@ def tiny_cache(tmp_path_factory) -> Path:
     return path
 
 
-def compose(overrides: list[str]):
-    """The run config ``python train.py <overrides>`` would get (without Hydra's runtime)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from rlhf.config.schema import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
-
-
-# A run small enough for tests: few prompts, one short PPO step, W&B off unless a test turns it on.
-FAST = [
-    "trainer.steps=1",
-    "rollout.batch_size=8",
-    "ppo.minibatch_size=4",
-    "ppo.epochs=1",
-    "logging.wandb.mode=disabled",
-    "logging.progress_bar=false",
-]
-
-
 @pytest.fixture
 def make_cfg(tmp_path, tiny_cache):
     """``make_cfg(*overrides)``: a fast test config writing to a fresh tmp run dir."""
@@ -60,12 +40,6 @@ def make_cfg(tmp_path, tiny_cache):
         return compose([*FAST, f"trainer.output_dir={tmp_path / 'run'}", f"model.cache_dir={tiny_cache}", *overrides])
 
     return _make
-
-
-# The quick loop's one successful ``python train.py`` run (~6 s), shared by tests that only read it:
-# tests/test_train.py checks its output, tests/test_generate.py samples from it, tests/test_data_safety.py
-# reads a copy of its metrics.jsonl.
-CLI_RUN_OVERRIDES = ["trainer.steps=2", "rollout.batch_size=8", "ppo.minibatch_size=4", "kl.beta=0.07", "gae.lam=0.9"]
 
 
 @pytest.fixture(scope="session")
@@ -80,17 +54,29 @@ def cli_run(tmp_path_factory, tiny_cache) -> tuple[Path, subprocess.CompletedPro
     return run_dir, result
 
 
-def wandb_inspect(run_dir: Path, *flags: str) -> list[dict]:
-    """The records of the run dir's one offline W&B run (``--summary``: its state), read by ``wandb leet inspect``."""
-    (offline_run,) = (run_dir / "wandb").glob("offline-run-*")
-    wandb_cli = Path(sys.executable).with_name("wandb")
-    out = subprocess.run(
-        [str(wandb_cli), "leet", "inspect", "--json", *flags, str(offline_run)],
-        capture_output=True, text=True, timeout=120, check=True,
-    ).stdout  # fmt: skip
-    if "--summary" in flags:
-        return [json.loads(out)]
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
+@pytest.fixture(scope="session")
+def reward_model_dir(tmp_path_factory) -> Path:
+    """A tiny real sequence classifier (Qwen2) on the tiny tokenizer, saved like a hub model."""
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    from rlhf.models.tiny import build_tokenizer
+
+    path = tmp_path_factory.mktemp("reward-model")
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(path)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    Qwen2ForSequenceClassification(config).save_pretrained(path)
+    return path
 
 
 class ScoreServer:

@@ -13,8 +13,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
-from tests.test_cli_security import SHORT, train_py
+from tests.helpers import REPO, SHORT, short_run
 
 
 @pytest.mark.parametrize(
@@ -33,7 +32,7 @@ def test_a_log_file_cannot_be_moved_into_a_pth_file(tmp_path, tiny_cache, moves_
     site_dir.mkdir()
     pth = site_dir / "evil.pth"
     payload = f"'import os; os.system(\"touch {marker}\") # %(message)s'"
-    result, _, run_dir = train_py(
+    result, _, run_dir = short_run(
         tmp_path,
         tiny_cache,
         *[override.format(pth=pth) for override in moves_the_log],
@@ -105,7 +104,7 @@ def test_hydras_files_cannot_be_written_over_a_users_config(tmp_path, tiny_cache
     project.mkdir()
     (project / "config.yaml").write_text("user config\n")
     override = f"hydra.output_subdir={subdir.format(project=project, name='x')}"
-    result, _, run_dir = train_py(tmp_path, tiny_cache, override)
+    result, _, run_dir = short_run(tmp_path, tiny_cache, override)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "hydra.output_subdir=" in result.stderr and "is not allowed" in result.stderr
     assert (project / "config.yaml").read_text() == "user config\n"

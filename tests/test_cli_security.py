@@ -9,22 +9,12 @@ from __future__ import annotations
 
 import base64
 import pickle
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-
-SHORT = [
-    "trainer.steps=1",
-    "rollout.batch_size=8",
-    "ppo.minibatch_size=4",
-    "ppo.epochs=1",
-    "logging.progress_bar=false",
-]
+from tests.helpers import short_run
 
 
 class _TouchOnLoad:
@@ -37,20 +27,9 @@ class _TouchOnLoad:
         return (open, (self.path, "w"))
 
 
-def train_py(tmp_path: Path, tiny_cache: Path, *args: str) -> tuple[subprocess.CompletedProcess, float, Path]:
-    run_dir = tmp_path / "run"
-    started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "train.py", *args, *SHORT, "logging.wandb.mode=disabled", f"model.cache_dir={tiny_cache}",
-         f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={run_dir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    return result, time.perf_counter() - started, run_dir
-
-
 def assert_refused(tmp_path: Path, tiny_cache: Path, *args: str, names: str) -> None:
     marker = tmp_path / "marker"
-    result, elapsed, run_dir = train_py(tmp_path, tiny_cache, *args)
+    result, elapsed, run_dir = short_run(tmp_path, tiny_cache, *args)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Command-line override refused (nothing was run)" in result.stderr
     assert names in result.stderr, result.stderr
@@ -131,7 +110,7 @@ def test_a_test_module_needs_the_allow_target_flag(tmp_path, tiny_cache):
 @pytest.mark.slow  # two CLI runs; not slow: test_accepted_overrides
 def test_allowed_overrides_and_the_flag_run_end_to_end(tmp_path, tiny_cache):
     # --allow-target is taken out of argv before Hydra (which would reject the unknown flag).
-    result, _, run_dir = train_py(
+    result, _, run_dir = short_run(
         tmp_path, tiny_cache, "--allow-target", "tests.stand_ins", "optimizer.actor._target_=torch.optim.Adam",
         "reward.fn._target_=rlhf.tasks.arithmetic.exact_match_reward", "+hydra.job.env_set.RLHF_UNUSED=1",
     )  # fmt: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SMALL = ["rollout.batch_size=8", "ppo.minibatch_size=4", "ppo.epochs=1", "logging.wandb.mode=disabled"]
 DEEPSPEED_LINE = "Setting accelerator to"

@@ -8,12 +8,10 @@ from pathlib import Path
 import pytest
 
 from rlhf.app.build import build_trainer
-from rlhf.config.errors import ConfigError
-from rlhf.config.validate import validate
 from rlhf.data.prompts import fit_prompt_lengths, load_prompts, read_prompt_column
 from rlhf.models.loading import load_tokenizer
 from rlhf.models.tiny import build_tokenizer
-from tests.conftest import compose
+from tests.helpers import compose
 
 PROMPTS = [f"{a}+{b}=" for a in range(6) for b in range(6)]
 
@@ -67,11 +65,6 @@ def test_unreadable_file_names_the_file(tmp_path):
     path.write_bytes(b"this is not parquet")
     with pytest.raises(ValueError, match=r"data.path=.*broken.parquet.* could not be read"):
         read_prompt_column(str(path), "prompt", "train", str(tmp_path / "cache"))
-
-
-def test_missing_file_fails_at_validation():
-    with pytest.raises(ConfigError, match=r"^data.path='/nowhere/prompts.jsonl' is not allowed: no such file"):
-        validate(compose(["data=dataset", "data.path=/nowhere/prompts.jsonl"]))
 
 
 def test_overlong_prompts_error_filter_or_truncate(tokenizer):

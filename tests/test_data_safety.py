@@ -22,9 +22,8 @@ from safetensors.torch import load_file, save_file
 from rlhf.config.redact import loggable_config
 from rlhf.runtime.checkpoint import MANIFEST, complete_checkpoints, find_resume_checkpoint, save_checkpoint
 from rlhf.runtime.rundir import RunDirLocked, locked_run_dir
-from tests.conftest import REPO, compose
+from tests.helpers import REPO, compose, metrics_by_step, resume_cli
 from tests.signalling import ENV
-from tests.test_resume import cli, metrics
 
 FAST = ["trainer.steps=2", "ppo.epochs=1", "trainer.save_every=1"]
 SIGNALLING = [
@@ -37,7 +36,7 @@ SIGNALLING = [
 def finished(tmp_path_factory, tiny_cache) -> Path:
     """A finished 2-step run with checkpoints of steps 1 and 2 (tests take copies)."""
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    result = cli(run_dir, *FAST)
+    result = resume_cli(run_dir, *FAST)
     assert result.returncode == 0, result.stderr[-2000:]
     return run_dir
 
@@ -63,7 +62,7 @@ def test_a_fresh_run_leaves_the_users_files_in_its_run_dir(tmp_path, tiny_cache)
         "data.max_prompt_length=32",
         f"data.cache_dir={tmp_path / 'datasets'}",
     ]
-    result = cli(run_dir, "trainer.steps=1", "ppo.epochs=1", *dataset)
+    result = resume_cli(run_dir, "trainer.steps=1", "ppo.epochs=1", *dataset)
     assert result.returncode == 0, result.stderr[-2000:]
     assert data.read_bytes() == before and notes.read_text() == '{"mine": 1}\n'
     trained_on = {json.loads(line)["prompt"] for line in (run_dir / "samples.jsonl").read_text().splitlines()}
@@ -78,7 +77,7 @@ def test_a_damaged_middle_row_stops_the_resume_and_changes_nothing(finished, tmp
     lines[1] = lines[1][:20] + "\n"  # step 1's row cut in the middle; steps 0 and 2 intact
     path.write_text("".join(lines))
     before = {p.name: p.read_bytes() for p in run_dir.glob("*.jsonl")}
-    result = cli(run_dir, *FAST, "trainer.steps=3")
+    result = resume_cli(run_dir, *FAST, "trainer.steps=3")
     assert result.returncode != 0
     assert f"{path} line 2 of 3 is not a JSON object with a 'step'" in result.stderr, result.stderr[-2000:]
     assert {p.name: p.read_bytes() for p in run_dir.glob("*.jsonl")} == before
@@ -105,12 +104,12 @@ def test_damaged_weights_fall_back_to_the_previous_checkpoint(finished, tmp_path
     run_dir = copy_of(finished, tmp_path)
     previous, latest = complete_checkpoints(run_dir / "checkpoints")
     damage_floats(latest / "actor.safetensors")
-    result = cli(run_dir, *FAST, "trainer.steps=3")
+    result = resume_cli(run_dir, *FAST, "trainer.steps=3")
     assert result.returncode == 0, result.stderr[-2000:]
     output = result.stdout + result.stderr
     assert f"{latest / 'actor.safetensors'} is damaged" in output
     assert f"resuming from {previous}, the newest intact checkpoint" in output
-    assert sorted(metrics(run_dir)) == [0, 1, 2, 3]
+    assert sorted(metrics_by_step(run_dir)) == [0, 1, 2, 3]
     assert [row["step"] for row in map(json.loads, (run_dir / "metrics.jsonl").open())] == [0, 1, 2, 3]
     # The run wrote step 2 again over the damaged checkpoint: a later resume finds it intact.
     from rlhf.runtime.checkpoint import damage
@@ -173,7 +172,7 @@ HOLDER = textwrap.dedent("""
 def test_a_run_dir_in_use_refuses_a_second_run_naming_the_holder(tmp_path, tiny_cache):
     run_dir = tmp_path / "run"
     with locked_run_dir(run_dir):
-        second = cli(run_dir, *FAST)
+        second = resume_cli(run_dir, *FAST)
     assert second.returncode != 0
     assert f"run dir {run_dir} is in use by another run (pid {os.getpid()}" in second.stderr, second.stderr[-2000:]
     assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith((".hydra", "train.log"))) == [".lock"]
@@ -210,11 +209,11 @@ def test_a_run_killed_with_sigkill_and_resumed_has_every_step_once_in_wandb(tmp_
     ]
     killed_run = ["trainer.steps=6", "ppo.epochs=1", "trainer.save_every=1", *signalling]
     # 2 actor optimizer steps per PPO step: step 9 is inside PPO step 5, after the checkpoint of step 4.
-    killed = cli(run_dir, *killed_run, env={ENV: "9:SIGKILL"})
+    killed = resume_cli(run_dir, *killed_run, env={ENV: "9:SIGKILL"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert complete_checkpoints(run_dir / "checkpoints")[-1].name == "step-00000004"
-    resumed = cli(run_dir, *killed_run)
+    resumed = resume_cli(run_dir, *killed_run)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert sorted(metrics(run_dir)) == list(range(7))
+    assert sorted(metrics_by_step(run_dir)) == list(range(7))
     counts = Counter(wandb_history_steps(run_dir))
     assert sorted(counts) == list(range(7)) and set(counts.values()) == {1}, counts

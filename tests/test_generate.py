@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, REPO
+from tests.helpers import FAST, REPO
 
 
 def generate(*args: str) -> subprocess.CompletedProcess:

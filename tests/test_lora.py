@@ -11,7 +11,7 @@ from rlhf.config.errors import ConfigError
 from rlhf.config.validate import validate
 from rlhf.models.loading import load_actor
 from rlhf.ppo.experience import compute_logprobs
-from tests.conftest import compose
+from tests.helpers import compose
 
 
 def test_lora_trains_adapters_only_and_keeps_one_base_copy(make_cfg):
@@ -48,11 +48,6 @@ def test_lora_trains_adapters_only_and_keeps_one_base_copy(make_cfg):
     adapter_numel = sum(params[n].numel() for n in adapters)
     head_numel = sum(p.numel() for p in trainer.critic.value_head.parameters())
     assert sum(storages.values()) == base_numel + adapter_numel + head_numel
-
-
-def test_lora_needs_the_shared_critic():
-    with pytest.raises(ConfigError, match=r"^model.shared_critic=False is not allowed: model.lora.enabled=true"):
-        validate(compose(["model.lora.enabled=true"]))
 
 
 def test_lora_run_saves_the_adapters_only(make_cfg, tmp_path):

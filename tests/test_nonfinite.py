@@ -11,7 +11,7 @@ import torch
 
 from rlhf.app.build import build_trainer
 from rlhf.rewards.scorers import FunctionReward
-from tests.conftest import REPO, wandb_inspect
+from tests.helpers import REPO, wandb_inspect
 from tests.stand_ins import nan_reward
 
 

@@ -15,7 +15,6 @@ from rlhf.app.build import build_trainer
 from rlhf.models.generation import generate
 from rlhf.models.loading import load_actor, load_tokenizer
 from tests.stand_ins import qwen_token_ids, save_tiny_deberta_reward_model, save_tiny_qwen
-from tests.test_train import reward_model_dir  # noqa: F401 (fixture: Qwen2 classifier on the tiny tokenizer)
 
 QUESTIONS = ["What is 2+3?", "Name a colour.", "Say hi.", "What is 10-4?", "Count to three.", "Is ice cold?"] * 2
 
@@ -88,7 +87,7 @@ def test_gradient_checkpointing_switch(make_cfg, stand_ins):
 
 
 @pytest.mark.parametrize("experiment", ["lm_human_preferences", "n_implementation_details", "ppo_max"])
-def test_experiment_presets_run_a_step(make_cfg, experiment, reward_model_dir):  # noqa: F811
+def test_experiment_presets_run_a_step(make_cfg, experiment, reward_model_dir):
     # The tiny actor with a Qwen2 reward model on its own vocabulary, so critic_init=reward_model works.
     cfg = make_cfg(
         f"experiment={experiment}", "reward=classifier", f"reward.path={reward_model_dir}",

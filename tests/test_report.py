@@ -14,7 +14,7 @@ import yaml
 from rlhf.report import MIN_SPAN, ema, filter_runs, load_runs, pad_limits, short_override, table_rows
 from rlhf.report import main as report_main
 from rlhf.runtime.jsonl import read_rows
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 # What an Optuna trial writes to .hydra/overrides.yaml: 17-digit floats.
 OPTUNA = [

@@ -20,44 +20,27 @@ from rlhf.app.run import train
 from rlhf.runtime.checkpoint import MANIFEST, complete_checkpoints, load_checkpoint, save_checkpoint
 from rlhf.runtime.signals import StopSignals
 from rlhf.runtime.tracking import Tracker
-from tests.conftest import REPO, wandb_inspect
+from tests.helpers import REPO, RESUME_RUN, metrics_by_step, resume_cli, wandb_inspect
 from tests.signalling import ENV
-
-COMMON = [
-    "rollout.batch_size=8", "ppo.minibatch_size=4", "kl=adaptive", "kl.target=0.5", "kl.horizon=100",
-    "optimizer.scheduler.end_factor=1.0", "trainer.eval_every=3", "trainer.save_every=0",
-    "logging.progress_bar=false", "logging.wandb.mode=offline",
-]  # fmt: skip
-
-
-def cli(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "train.py", *COMMON, *overrides, f"hydra.run.dir={run_dir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})},
-    )  # fmt: skip
-
-
-def metrics(run_dir: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: {k: v for k, v in row.items() if not k.startswith("time/")} for row in rows}
 
 
 @pytest.mark.slow
 def test_resume_is_exact(tmp_path, tiny_cache):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert cli(straight, "trainer.steps=10").returncode == 0
-    first = cli(split, "trainer.steps=5")
+    assert resume_cli(straight, "trainer.steps=10").returncode == 0
+    first = resume_cli(split, "trainer.steps=5")
     assert first.returncode == 0, first.stderr[-2000:]
-    second = cli(split, "trainer.steps=10", "trainer.resume=true")
+    second = resume_cli(split, "trainer.steps=10", "trainer.resume=true")
     assert second.returncode == 0, second.stderr[-2000:]
     assert_same_run(straight, split, range(6, 11))
-    assert metrics(straight)[10]["objective/kl_coef"] != metrics(straight)[1]["objective/kl_coef"]  # adaptive KL moved
+    rows = metrics_by_step(straight)
+    assert rows[10]["objective/kl_coef"] != rows[1]["objective/kl_coef"]  # adaptive KL moved
 
 
 def assert_same_run(straight: Path, resumed: Path, steps) -> None:
     """Every step logged once; metrics of ``steps`` (less wall-clock times) and final weights bitwise
     equal; one W&B run."""
-    a, b = metrics(straight), metrics(resumed)
+    a, b = metrics_by_step(straight), metrics_by_step(resumed)
     assert sorted(b) == sorted(a), "no duplicated or missing steps"
     lines = (resumed / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(b)
@@ -83,7 +66,7 @@ SIGNALLED = [
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_cache) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    result = cli(run_dir, *SIGNALLED)
+    result = resume_cli(run_dir, *SIGNALLED)
     assert result.returncode == 0, result.stderr[-2000:]
     return run_dir
 
@@ -92,16 +75,16 @@ def uninterrupted(tmp_path_factory, tiny_cache) -> Path:
 def test_sigterm_inside_a_ppo_epoch_stops_after_the_step_and_resumes_exactly(tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     # 2 epochs x 2 mini-batches = 4 optimizer steps per PPO step: step 10 is the 2nd epoch of PPO step 3.
-    stopped = cli(run_dir, *SIGNALLED, env={ENV: "10:SIGTERM"})
+    stopped = resume_cli(run_dir, *SIGNALLED, env={ENV: "10:SIGTERM"})
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
     assert "SIGTERM: stopped after step 3 with a checkpoint" in stopped.stdout + stopped.stderr
     assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == ["step-00000002", "step-00000003"]
-    assert sorted(metrics(run_dir)) == [0, 1, 2, 3]
+    assert sorted(metrics_by_step(run_dir)) == [0, 1, 2, 3]
     assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
     (state,) = wandb_inspect(run_dir, "--summary")
     assert state["exit_code"] == 128 + signal.SIGTERM and state["step"] == 3
     assert any(record["type"] == "preempting" for record in wandb_inspect(run_dir))
-    resumed = cli(run_dir, *SIGNALLED, "trainer.resume=true")
+    resumed = resume_cli(run_dir, *SIGNALLED, "trainer.resume=true")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(uninterrupted, run_dir, range(7))
 
@@ -109,12 +92,12 @@ def test_sigterm_inside_a_ppo_epoch_stops_after_the_step_and_resumes_exactly(tmp
 @pytest.mark.slow
 def test_a_second_signal_stops_at_once_keeping_the_last_checkpoint(tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
-    stopped = cli(run_dir, *SIGNALLED, env={ENV: "10:SIGTERM,11:SIGINT"})
+    stopped = resume_cli(run_dir, *SIGNALLED, env={ENV: "10:SIGTERM,11:SIGINT"})
     assert stopped.returncode != 0
     assert "SIGINT received twice: stopped at once" in stopped.stdout + stopped.stderr, stopped.stderr[-2000:]
     # Stopped in PPO step 3, before its checkpoint: the one of step 2 is the last, and it is complete.
     assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == ["step-00000002"]
-    resumed = cli(run_dir, *SIGNALLED)  # trainer.resume=auto
+    resumed = resume_cli(run_dir, *SIGNALLED)  # trainer.resume=auto
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(uninterrupted, run_dir, range(7))
 
@@ -123,18 +106,18 @@ def test_a_second_signal_stops_at_once_keeping_the_last_checkpoint(tmp_path, uni
 def test_a_signal_ends_a_sweep_and_the_same_sweep_dir_resumes_it(tmp_path, tiny_cache):
     def sweep(env=None):
         return subprocess.run(
-            [sys.executable, "train.py", "-m", "seed=0,1", *COMMON, *SIGNALLED[1:], "trainer.steps=3",
+            [sys.executable, "train.py", "-m", "seed=0,1", *RESUME_RUN, *SIGNALLED[1:], "trainer.steps=3",
              f"hydra.sweep.dir={tmp_path}"],
             cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})},
         )  # fmt: skip
 
     stopped = sweep({ENV: "6:SIGTERM"})  # inside PPO step 2 of job 0
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
-    assert sorted(metrics(tmp_path / "0")) == [0, 1, 2] and not (tmp_path / "1").exists()
+    assert sorted(metrics_by_step(tmp_path / "0")) == [0, 1, 2] and not (tmp_path / "1").exists()
     resumed = sweep()
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     for job in ("0", "1"):
-        assert sorted(metrics(tmp_path / job)) == [0, 1, 2, 3]
+        assert sorted(metrics_by_step(tmp_path / job)) == [0, 1, 2, 3]
         assert json.loads((tmp_path / job / "status.json").read_text())["status"] == "completed"
 
 
@@ -270,15 +253,15 @@ def test_raising_steps_replans_the_lr_schedule(make_cfg, tmp_path):
 @pytest.mark.slow  # five CLI runs, each refusal needs the 2-step run's checkpoint
 def test_resume_errors(tmp_path, tiny_cache):
     run_dir = tmp_path / "run"
-    missing = cli(run_dir, "trainer.steps=1", "trainer.resume=true")
+    missing = resume_cli(run_dir, "trainer.steps=1", "trainer.resume=true")
     assert missing.returncode != 0 and f"no complete checkpoint in {run_dir / 'checkpoints'}" in missing.stderr
-    assert cli(run_dir, "trainer.steps=2").returncode == 0
-    changed = cli(run_dir, "trainer.steps=3", "kl.target=0.7", "gae.lam=0.9")
+    assert resume_cli(run_dir, "trainer.steps=2").returncode == 0
+    changed = resume_cli(run_dir, "trainer.steps=3", "kl.target=0.7", "gae.lam=0.9")
     assert changed.returncode != 0
     assert "changed config: gae.lam: 0.95 -> 0.9; kl.target: 0.5 -> 0.7" in changed.stderr
-    fresh = cli(run_dir, "trainer.steps=2", "trainer.resume=false")
+    fresh = resume_cli(run_dir, "trainer.steps=2", "trainer.resume=false")
     assert fresh.returncode != 0 and f"{run_dir / 'checkpoints'} holds checkpoints of an earlier run" in fresh.stderr
-    fewer = cli(run_dir, "trainer.steps=1")
+    fewer = resume_cli(run_dir, "trainer.steps=1")
     assert fewer.returncode != 0 and "trainer.steps=1 is below step 2 of the checkpoint" in fewer.stderr
 
 

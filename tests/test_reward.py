@@ -174,15 +174,6 @@ def test_chat_input_format_needs_a_chat_template(make_cfg, tmp_path):
         build_trainer(cfg)
 
 
-def test_unknown_input_format_is_refused():
-    from rlhf.config.errors import ConfigError
-    from rlhf.config.validate import validate
-    from tests.conftest import compose
-
-    with pytest.raises(ConfigError, match=r"^reward.input_format='text' is not allowed: one of pair, chat"):
-        validate(compose(["reward=classifier", "reward.path=x", "reward.input_format=text"]))
-
-
 def test_http_reward_that_is_not_a_number_names_the_url_and_index():
     import http.server
     import json

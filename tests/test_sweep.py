@@ -13,8 +13,7 @@ import pytest
 
 from rlhf.report import load_runs, table_rows
 from rlhf.report import main as report_main
-from tests.conftest import REPO
-from tests.test_train import wandb_inspect
+from tests.helpers import REPO, wandb_inspect
 
 TINY = ["trainer.steps=2", "rollout.batch_size=8", "ppo.minibatch_size=4", "logging.progress_bar=false"]
 

@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
 from rlhf.app.build import build_trainer
 from rlhf.app.run import train
 from rlhf.core.losses import logprobs_from_logits, policy_loss
 from rlhf.models.actions import action_logits
-from rlhf.models.tiny import build_tokenizer
-from tests.conftest import CLI_RUN_OVERRIDES, wandb_inspect
+from tests.helpers import CLI_RUN_OVERRIDES, wandb_inspect
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -26,21 +24,6 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> list[str]:
     return [name for name, p in module.named_parameters() if not torch.equal(before[name], p.detach())]
-
-
-@pytest.fixture(scope="module")
-def reward_model_dir(tmp_path_factory) -> Path:
-    """A tiny real sequence classifier with its own tokenizer folder, saved like a hub model."""
-    path = tmp_path_factory.mktemp("reward-model")
-    tokenizer = build_tokenizer()
-    tokenizer.save_pretrained(path)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        intermediate_size=64, num_labels=1, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    Qwen2ForSequenceClassification(config).save_pretrained(path)
-    return path
 
 
 def test_one_step_moves_actor_and_critic_not_reference_or_reward(make_cfg, reward_model_dir):
