@@ -1,4 +1,6 @@
-"""Typed schema of a run, registered in Hydra's ConfigStore."""
+"""Typed schema of a run, registered in Hydra's ConfigStore: the one home of every key's default (the
+YAML presets in conf/ state only what they change). The names a ``str`` field takes are the enums of
+``rlhf.config.options``."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from rlhf.config.options import DistributedKind
 
 
 @dataclass
@@ -167,9 +171,8 @@ class OptimizerConfig:
     scheduler: Any = MISSING
 
 
-# hardware.distributed: one process, or several with the trained models replicated (DDP) or sharded
-# (FSDP2, DeepSpeed ZeRO)
-DISTRIBUTED_KINDS = ("none", "ddp", "fsdp", "deepspeed")
+# The names of hardware.distributed, as a tuple for the runtime's own check.
+DISTRIBUTED_KINDS = tuple(DistributedKind)
 
 
 @dataclass
