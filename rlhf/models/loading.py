@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 # model.dtype / reward.dtype names (rlhf.config.options.DType) -> torch dtypes.
-DTYPES = {name: getattr(torch, name) for name in DType}
+DTYPES = {dtype.value: getattr(torch, dtype.value) for dtype in DType}
 
 
 @contextlib.contextmanager
