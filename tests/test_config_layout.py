@@ -137,3 +137,19 @@ def test_the_core_and_the_models_act_on_the_option_names_the_validator_accepts()
     for controller in options.KLControllerKind:
         make_kl_controller(controller.value, 0.1, 1.0, 100)
     assert set(DTYPES) == set(options.DType)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["${oc.env:H17_TOKEN}", "${oc.env: H17_TOKEN}", '${oc.env:"H17_TOKEN"}', "${oc.env:H17_TOKEN,${oc.env:H17_B}}"],
+)
+def test_one_rule_finds_and_redacts_values_read_from_the_environment(monkeypatch, value):
+    # The names the Redactor scrubs and the loggable config's <env NAME> come from one pattern: however
+    # OmegaConf lets the read be spelled, both see the same name, and no piece of the spelling is left.
+    from rlhf.config.redact import env_names, loggable_config, redact_env
+
+    monkeypatch.setenv("H17_TOKEN", "secret-h17")
+    cfg = OmegaConf.create({"reward": {"url": f"http://host/?key={value}"}})
+    assert "H17_TOKEN" in env_names(cfg)
+    assert redact_env(value) == "<env H17_TOKEN>"
+    assert loggable_config(cfg)["reward"]["url"] == "http://host/?key=<env H17_TOKEN>"
