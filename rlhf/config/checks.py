@@ -32,6 +32,12 @@ def positive(key: str, value: float) -> None:
     check(value > 0, key, value, "must be > 0")
 
 
+def positive_or_none(key: str, value: float | None) -> None:
+    """An optional size or clip range: null turns it off, else it must be > 0."""
+    if value is not None:
+        positive(key, value)
+
+
 def non_negative(key: str, value: float) -> None:
     check(value >= 0, key, value, "must be >= 0")
 

@@ -14,121 +14,60 @@ from enum import Enum
 
 
 class Options(str, Enum):
-    """A set of names a ``str`` field takes; members compare and format as their names."""
+    """A set of names a ``str`` field takes; members compare equal to, and format as, their names."""
 
     def __str__(self) -> str:
         return self.value
 
 
-class DType(Options):
-    """model.dtype, reward.dtype, hardware.autocast_dtype: torch dtypes by name."""
-
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+def _options(name: str, *names: str) -> type[Options]:
+    """An ``Options`` enum whose members are named as their values (``DType.float32 == "float32"``)."""
+    return Options(name, [(value, value) for value in names], module=__name__, qualname=name)
 
 
-class CriticInit(Options):
-    """model.critic_init: where the critic's trunk comes from."""
+# model.dtype, reward.dtype, hardware.autocast_dtype: torch dtypes by name.
+DType = _options("DType", "float32", "bfloat16", "float16")
 
-    actor = "actor"
-    reward_model = "reward_model"
-    path = "path"
+# model.critic_init: where the critic's trunk comes from.
+CriticInit = _options("CriticInit", "actor", "reward_model", "path")
 
+# reward.kind: how responses are scored (a Python callable, a sequence classifier, an HTTP endpoint).
+RewardKind = _options("RewardKind", "function", "model", "http")
 
-class RewardKind(Options):
-    """reward.kind: how responses are scored."""
+# reward.input_format: how a reward model reads (prompt, response).
+InputFormat = _options("InputFormat", "pair", "chat")
 
-    function = "function"
-    model = "model"
-    http = "http"
+# reward.normalize: scaling of the training reward.
+RewardNormalize = _options("RewardNormalize", "none", "running", "fixed")
 
+# reward.on_nonfinite: what a NaN/inf score does.
+OnNonfinite = _options("OnNonfinite", "error", "mask")
 
-class InputFormat(Options):
-    """reward.input_format: how a reward model reads (prompt, response)."""
+# kl.controller: a constant or an adaptive KL coefficient.
+KLControllerKind = _options("KLControllerKind", "fixed", "adaptive")
 
-    pair = "pair"
-    chat = "chat"
+# kl.estimator: the per-token KL estimators. rlhf.core.kl keeps its own tuple (the core never imports
+# the config); tests/test_config_layout.py checks that the two agree.
+KLEstimator = _options("KLEstimator", "k1", "k2", "k3")
 
+# hardware.device.
+Device = _options("Device", "cpu", "cuda")
 
-class RewardNormalize(Options):
-    """reward.normalize: scaling of the training reward."""
-
-    none = "none"
-    running = "running"
-    fixed = "fixed"
-
-
-class OnNonfinite(Options):
-    """reward.on_nonfinite: what a NaN/inf score does."""
-
-    error = "error"
-    mask = "mask"
-
-
-class KLControllerKind(Options):
-    """kl.controller: constant or adaptive KL coefficient."""
-
-    fixed = "fixed"
-    adaptive = "adaptive"
-
-
-class KLEstimator(Options):
-    """kl.estimator: per-token KL estimators (rlhf.core.kl, which keeps its own tuple: the core never
-    imports the config; tests/test_config_layout.py checks that the two agree)."""
-
-    k1 = "k1"
-    k2 = "k2"
-    k3 = "k3"
-
-
-class Device(Options):
-    """hardware.device."""
-
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class DistributedKind(Options):
-    """hardware.distributed: one process, or several with the trained models replicated (DDP) or sharded
-    (FSDP2, DeepSpeed ZeRO)."""
-
-    none = "none"
-    ddp = "ddp"
-    fsdp = "fsdp"
-    deepspeed = "deepspeed"
-
+# hardware.distributed: one process, or several with the trained models replicated (DDP) or sharded
+# (FSDP2, DeepSpeed ZeRO).
+DistributedKind = _options("DistributedKind", "none", "ddp", "fsdp", "deepspeed")
 
 # hardware.zero_stage: the DeepSpeed ZeRO stages rlhf builds engines for.
 ZERO_STAGES = (2, 3)
 
+# data.task: the built-in arithmetic prompts or prompts from a dataset.
+DataTask = _options("DataTask", "arithmetic", "dataset")
 
-class DataTask(Options):
-    """data.task: the built-in arithmetic prompts or prompts from a dataset."""
+# data.overlong: what happens to prompts over data.max_prompt_length.
+OverlongPolicy = _options("OverlongPolicy", "error", "filter", "truncate")
 
-    arithmetic = "arithmetic"
-    dataset = "dataset"
+# logging.wandb.mode (or null: online with an API key, else offline).
+WandbMode = _options("WandbMode", "online", "offline", "disabled")
 
-
-class OverlongPolicy(Options):
-    """data.overlong: what happens to prompts over data.max_prompt_length."""
-
-    error = "error"
-    filter = "filter"
-    truncate = "truncate"
-
-
-class WandbMode(Options):
-    """logging.wandb.mode (or null: online with an API key, else offline)."""
-
-    online = "online"
-    offline = "offline"
-    disabled = "disabled"
-
-
-class ResumeMode(Options):
-    """trainer.resume (lower-cased: from the command line `true` arrives as "True")."""
-
-    auto = "auto"
-    true = "true"
-    false = "false"
+# trainer.resume (compared lower-cased: from the command line `true` arrives as "True").
+ResumeMode = _options("ResumeMode", "auto", "true", "false")

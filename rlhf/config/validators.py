@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from rlhf.config.checks import check, non_negative, number, one_of, positive, unit_interval
+from rlhf.config.checks import check, non_negative, number, one_of, positive, positive_or_none, unit_interval
 from rlhf.config.options import (
     ZERO_STAGES,
     CriticInit,
@@ -122,8 +122,7 @@ def validate_reward_scaling(cfg: Any) -> None:
     reward = cfg.reward
     one_of("reward.normalize", reward.normalize, RewardNormalize)
     one_of("reward.on_nonfinite", reward.on_nonfinite, OnNonfinite)
-    if reward.clip is not None:
-        positive("reward.clip", reward.clip)
+    positive_or_none("reward.clip", reward.clip)
 
 
 def validate_reward_model(cfg: Any) -> None:
@@ -151,8 +150,7 @@ def validate_kl(cfg: Any) -> None:
 def validate_gae(cfg: Any) -> None:
     unit_interval("gae.gamma", cfg.gae.gamma)
     unit_interval("gae.lam", cfg.gae.lam)
-    if cfg.gae.advantage_clip is not None:
-        positive("gae.advantage_clip", cfg.gae.advantage_clip)
+    positive_or_none("gae.advantage_clip", cfg.gae.advantage_clip)
 
 
 # Arguments of an optimizer node checked by name, whatever its _target_ (they mean the same in every
@@ -210,8 +208,7 @@ def validate_hardware(cfg: Any) -> None:
     hardware = cfg.hardware
     one_of("hardware.device", hardware.device, Device)
     one_of("hardware.autocast_dtype", hardware.autocast_dtype, DType)
-    if hardware.num_threads is not None:
-        positive("hardware.num_threads", hardware.num_threads)
+    positive_or_none("hardware.num_threads", hardware.num_threads)
     one_of("hardware.distributed", hardware.distributed, DistributedKind)
     one_of("hardware.zero_stage", hardware.zero_stage, ZERO_STAGES)
     non_negative("hardware.zero3_persistence_threshold", hardware.zero3_persistence_threshold)
@@ -268,8 +265,7 @@ def validate_ppo(cfg: Any) -> None:
     divides = batch_size % ppo.minibatch_size == 0
     check(divides, "ppo.minibatch_size", ppo.minibatch_size, f"must divide rollout.batch_size={batch_size}")
     positive("ppo.clip_eps", ppo.clip_eps)
-    if ppo.value_clip_eps is not None:
-        positive("ppo.value_clip_eps", ppo.value_clip_eps)
+    positive_or_none("ppo.value_clip_eps", ppo.value_clip_eps)
     non_negative("ppo.vf_coef", ppo.vf_coef)
     non_negative("ppo.entropy_coef", ppo.entropy_coef)
     positive("ppo.max_grad_norm", ppo.max_grad_norm)
