@@ -44,8 +44,8 @@ from omegaconf import grammar_parser
 from omegaconf.errors import GrammarParseError
 from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
 
+from rlhf.config.checks import check_override_key
 from rlhf.config.errors import ConfigError
-from rlhf.config.validate import check_override_key
 
 ALLOW_TARGET_FLAG = "--allow-target"
 
@@ -150,7 +150,7 @@ def checked_argv(argv: Sequence[str], *, conf_dir: Path | None = None) -> list[s
 
 def check_keys(overrides: Sequence[str], *, conf_dir: Path | None = None) -> None:
     """Raise ``ConfigError`` for the first override of a key the schema lacks or of a config group
-    option that is not a file of ``conf_dir`` (``rlhf.config.validate.check_override_key``). Hydra's own keys,
+    option that is not a file of ``conf_dir`` (``rlhf.config.checks.check_override_key``). Hydra's own keys,
     deletions and overrides of a group's path (``hydra/launcher=joblib``) are Hydra's to check."""
     parsed = [OverridesParser.create().parse_override(line) for line in overrides]
     if any(o.key_or_group.startswith("hydra.searchpath") for o in parsed):

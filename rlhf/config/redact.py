@@ -23,9 +23,11 @@ from omegaconf import OmegaConf
 MIN_SECRET_LENGTH = 4
 
 
-# The variable's name in each ${oc.env:NAME...}, also written `${oc.env: NAME}`, `${oc.env:"NAME"}` or
-# inside another's default (`${oc.env:A,${oc.env:B}}`): OmegaConf reads all of these.
-_ENV_NAME = re.compile(r"""\$\{\s*oc\.env\s*:\s*['"]?([^,}'"\s]+)""")
+# The start of each ${oc.env:NAME...} and the variable's name, also written `${oc.env: NAME}`,
+# `${oc.env:"NAME"}` or inside another's default (`${oc.env:A,${oc.env:B}}`): OmegaConf reads all of
+# these. The one pattern for "a value read from the environment": env_names finds the names with it,
+# redact_env replaces each interpolation it starts (to its matching brace) by <env NAME>.
+ENV_READ = re.compile(r"""\$\{\s*oc\.env\s*:\s*['"]?([^,}'"\s]+)""")
 
 
 def env_names(node: Any) -> set[str]:
@@ -36,12 +38,28 @@ def env_names(node: Any) -> set[str]:
         return {name for value in raw.values() for name in env_names(value)}
     if isinstance(raw, list):
         return {name for value in raw for name in env_names(value)}
-    return set(_ENV_NAME.findall(raw)) if isinstance(raw, str) else set()
+    return set(ENV_READ.findall(raw)) if isinstance(raw, str) else set()
+
+
+def _interpolation_end(text: str, start: int) -> int:
+    """The index after the brace closing the interpolation that opens at ``text[start]`` (``${``), or the
+    end of ``text`` when it is not closed."""
+    depth = 0
+    for i in range(start + 1, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return i + 1
+    return len(text)
 
 
 def redact_env(text: str) -> str:
-    """``text`` with each ``${oc.env:NAME...}`` written as ``<env NAME>`` (the unresolved form)."""
-    return _ENV_INTERPOLATION.sub(r"<env \1>", text)
+    """``text`` with each ``${oc.env:NAME...}`` (its default included) written as ``<env NAME>``."""
+    parts, done = [], 0
+    for match in ENV_READ.finditer(text):
+        if match.start() >= done:
+            parts += [text[done : match.start()], f"<env {match.group(1)}>"]
+            done = _interpolation_end(text, match.start())
+    return "".join(parts) + text[done:]
 
 
 def mask_url(url: str) -> str:
@@ -112,21 +130,17 @@ class Redactor(logging.Filter):
             handler.removeFilter(self)
 
 
-# ${oc.env:NAME} or ${oc.env:NAME,default}: a value read from the environment.
-_ENV_INTERPOLATION = re.compile(r"\$\{oc\.env:([^,}]+)[^}]*\}")
+def _redact_node(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {key: _redact_node(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_redact_node(value) for value in node]
+    return redact_env(node) if isinstance(node, str) else node
 
 
 def loggable_config(cfg: Any) -> dict[str, Any]:
     """The resolved config as plain values, for W&B and checkpoints, with each value read from the
     environment (``${oc.env:NAME}``) replaced by ``<env NAME>``: a secret passed that way (an API
     token) is used by the run but never logged or saved."""
-
-    def redact(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {key: redact(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [redact(value) for value in node]
-        return _ENV_INTERPOLATION.sub(r"<env \1>", node) if isinstance(node, str) else node
-
     raw = OmegaConf.to_container(cfg, resolve=False)  # interpolations still as text
-    return OmegaConf.to_container(OmegaConf.create(redact(raw)), resolve=True)
+    return OmegaConf.to_container(OmegaConf.create(_redact_node(raw)), resolve=True)

@@ -1,4 +1,6 @@
-"""Typed schema of a run, registered in Hydra's ConfigStore."""
+"""Typed schema of a run, registered in Hydra's ConfigStore: the one home of every key's default (the
+YAML presets in conf/ state only what they change). The names a ``str`` field takes are the enums of
+``rlhf.config.options``."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from rlhf.config.options import DistributedKind
 
 
 @dataclass
@@ -55,7 +59,7 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    """Actor (and from it reference and critic): read by ``rlhf.models``."""
+    """Actor (and from it reference and critic)."""
 
     # Hub id or local folder of a causal LM; null builds the tiny actor for the task below.
     path: str | None = None
@@ -83,7 +87,7 @@ class ModelConfig:
 
 @dataclass
 class RewardConfig:
-    """How responses are scored: read by ``rlhf.rewards``."""
+    """How responses are scored."""
 
     # "function": a Python callable (prompts, responses) -> scores from ``fn``;
     # "model": a Hugging Face sequence classifier at ``path`` with its own tokenizer;
@@ -127,7 +131,7 @@ class RewardConfig:
 
 @dataclass
 class KLConfig:
-    """KL penalty to the reference: read by ``rlhf.kl`` (controller) and the experience step."""
+    """KL penalty to the reference."""
 
     # "fixed" or "adaptive" (Ziegler et al. 2019).
     controller: str = "fixed"
@@ -143,11 +147,11 @@ class KLConfig:
 
 @dataclass
 class GAEConfig:
-    """Advantage estimation: read by the experience step (``rlhf.gae``)."""
+    """Advantage estimation."""
 
     # Discount factor.
     gamma: float = 1.0
-    # GAE lambda.
+    # GAE lambda (0 = one-step TD, 1 = Monte Carlo returns).
     lam: float = 0.95
     # Normalise the KL-shaped rewards (masked, keeping their mean) before GAE.
     whiten_rewards: bool = False
@@ -159,7 +163,7 @@ class GAEConfig:
 
 @dataclass
 class OptimizerConfig:
-    """Optimizers of the actor and the critic and their LR schedule: read by ``rlhf.app.build``. Nodes
+    """Optimizers of the actor and the critic and their LR schedule (no defaults: conf/optimizer/). Nodes
     are instantiated with ``_partial_: true`` and then given the parameters (or the optimizer)."""
 
     actor: Any = MISSING
@@ -167,21 +171,19 @@ class OptimizerConfig:
     scheduler: Any = MISSING
 
 
-# hardware.distributed: one process, or several with the trained models replicated (DDP) or sharded
-# (FSDP2, DeepSpeed ZeRO)
-DISTRIBUTED_KINDS = ("none", "ddp", "fsdp", "deepspeed")
+# The names of hardware.distributed, as a tuple for the runtime's own check.
+DISTRIBUTED_KINDS = tuple(DistributedKind)
 
 
 @dataclass
 class HardwareConfig:
-    """Device and precision: read by ``rlhf.app.build`` (device, threads, checkpointing) and the trainer
-    (autocast, parallel models)."""
+    """Device, precision and processes (the defaults: one CPU process in float32)."""
 
     # "cpu" or "cuda".
     device: str = "cpu"
     # Autocast dtype for forwards ("float32" = no autocast).
     autocast_dtype: str = "float32"
-    # torch intra-op threads; null leaves torch's default.
+    # torch intra-op threads (1 is fastest for tiny models on a busy 2-core machine); null leaves torch's default.
     num_threads: int | None = 1
     # Recompute activations in the backward pass of actor and critic (less memory, more time).
     gradient_checkpointing: bool = False
@@ -202,7 +204,7 @@ class HardwareConfig:
 
 @dataclass
 class DataConfig:
-    """Prompts: read by ``rlhf.data.prompts``."""
+    """Prompts."""
 
     # "arithmetic" (the built-in task) or "dataset" (prompts from files or a hub dataset).
     task: str = "arithmetic"
@@ -232,7 +234,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    """Generation: read by ``rlhf.models.generation``."""
+    """Generation."""
 
     # Prompts per PPO step.
     batch_size: int = 64
@@ -244,7 +246,7 @@ class RolloutConfig:
 
 @dataclass
 class PPOConfig:
-    """PPO update: read by the trainer's update step (``rlhf.losses``)."""
+    """PPO update."""
 
     # Passes over the rollout batch.
     epochs: int = 4
@@ -266,7 +268,7 @@ class PPOConfig:
 
 @dataclass
 class WandbConfig:
-    """Weights & Biases: read by ``rlhf.tracking``."""
+    """Weights & Biases."""
 
     # online, offline or disabled; null = online if an API key is configured, else offline.
     mode: str | None = None
@@ -284,7 +286,7 @@ class WandbConfig:
 
 @dataclass
 class LoggingConfig:
-    """Metrics file, W&B and console: read by ``rlhf.tracking``."""
+    """Metrics file, W&B and console."""
 
     wandb: WandbConfig = field(default_factory=WandbConfig)
     # A table of (prompt, response, score) samples is logged every this many steps.
@@ -300,7 +302,7 @@ class LoggingConfig:
 
 @dataclass
 class TrainerConfig:
-    """The loop, checkpoints and resume: read by ``rlhf.app.run`` and ``rlhf.runtime.checkpoint``."""
+    """The loop, checkpoints and resume."""
 
     # Number of PPO iterations (rollout + update).
     steps: int = 300
@@ -324,7 +326,8 @@ class TrainerConfig:
 
 @dataclass
 class TrainConfig:
-    """The whole run. Field order is the order of sections in the resolved config."""
+    """The whole run. Field order is the order of sections in the resolved config. Which modules read
+    each group: the README's "Config groups and their one reader each" (checked by tests/test_config_layout.py)."""
 
     # Seed of sampling, shuffling and value-head init.
     seed: int = 0

@@ -18,9 +18,6 @@ if TYPE_CHECKING:  # reading prompts needs neither torch nor transformers: it ru
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-OVERLONG_POLICIES = ("error", "filter", "truncate")
-
-
 def read_prompt_column(
     path: str, prompt_key: str, split: str, cache_dir: str | None = None, key: str = "data.path"
 ) -> list[str]:

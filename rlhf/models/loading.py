@@ -24,11 +24,13 @@ from transformers import (
 )
 
 from rlhf.config.errors import InputError
+from rlhf.config.options import DType
 
 log = logging.getLogger(__name__)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# model.dtype / reward.dtype names (rlhf.config.options.DType) -> torch dtypes.
+DTYPES = {dtype.value: getattr(torch, dtype.value) for dtype in DType}
 
 
 @contextlib.contextmanager
