@@ -48,4 +48,4 @@ def launch(kind: str, settings: LaunchSettings) -> Distributed:
         raise ValueError(f"hardware.distributed={kind!r}: expected one of {', '.join(STRATEGIES)}")
     dist = strategy.launch(settings)
     # One process has nothing to distribute, whatever hardware.distributed says.
-    return dist if dist.world_size > 1 else Single(dist.accelerator)
+    return dist if dist.world_size > 1 or isinstance(dist, Single) else Single(dist.accelerator)
