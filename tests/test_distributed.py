@@ -70,6 +70,33 @@ def test_fsdp_shards_each_transformer_block_of_the_actor_and_of_any_critic():
     assert fsdp_blocks(Critic(deberta, 32)) == list(deberta.encoder.layer)
 
 
+def test_every_distributed_kind_has_a_strategy_and_one_process_communicates_nothing():
+    from rlhf.config.schema import DISTRIBUTED_KINDS
+    from rlhf.runtime.distributed import STRATEGIES, DeepSpeed, Distributed, LaunchSettings, Single, launch
+    from rlhf.runtime.distributed.deepspeed import deepspeed_config
+
+    assert list(STRATEGIES) == list(DISTRIBUTED_KINDS)
+    assert all(issubclass(strategy, Distributed) and strategy.kind == kind for kind, strategy in STRATEGIES.items())
+    settings = LaunchSettings(
+        device="cpu", zero_stage=3, zero3_persistence_threshold=0, minibatch_size=4, max_grad_norm=1.0, dtype="float32"
+    )
+    one = launch("none", settings)
+    assert type(one) is Single and (one.rank, one.world_size, one.is_main) == (0, 1, True)
+    assert not one.sharded and not one.saves_engines
+    tensor, mask = torch.arange(6.0).reshape(2, 3), torch.tensor([[True, False]])
+    assert one.gather(tensor) is tensor and one.gather(mask, pad_first=True) is mask and one.sum(tensor) is tensor
+    assert one.gather_objects([1, 2]) == [1, 2] and one.shard([1, 2, 3]) == [1, 2, 3]
+    assert torch.equal(one.shard(tensor), tensor)
+    assert one.mean({"a": 1.5}) == {"a": 1.5} and one.max(2.5) == 2.5 and one.all(True) and not one.all(False)
+    with one.main_first():
+        one.barrier()
+    with pytest.raises(ValueError, match="hardware.distributed='zero9': expected one of none, ddp, fsdp, deepspeed"):
+        launch("zero9", settings)
+    zero3 = deepspeed_config(settings)
+    assert zero3["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
+    assert DeepSpeed(None, zero3).sharded and DeepSpeed(None, zero3).saves_engines
+
+
 # DeepSpeed on CPU: the GPU presets with the CPU settings of ddp_cpu; every tensor of the tiny models
 # is below ZeRO-3's default persistence threshold, so 0 makes ZeRO-3 shard them all.
 DEEPSPEED_CPU = ["hardware.device=cpu", "hardware.autocast_dtype=float32", "hardware.num_threads=1",

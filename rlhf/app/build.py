@@ -36,7 +36,7 @@ from rlhf.models.tiny import ensure_tiny_actor
 from rlhf.ppo.trainer import PPOTrainer
 from rlhf.rewards.normalize import RewardNormalizer
 from rlhf.rewards.scorers import build_reward
-from rlhf.runtime.distributed import Distributed, deepspeed_config
+from rlhf.runtime.distributed import LaunchSettings, launch
 from rlhf.tasks.arithmetic import exact_match_reward, solve, split_prompts
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,19 @@ def limit_malloc_arenas(count: int) -> bool:
     return bool(libc.mallopt(m_arena_max, count))
 
 
+def launch_settings(cfg: DictConfig) -> LaunchSettings:
+    """What the distributed strategy reads from the config when it launches."""
+    hardware = cfg.hardware
+    return LaunchSettings(
+        device=hardware.device,
+        zero_stage=hardware.zero_stage,
+        zero3_persistence_threshold=hardware.zero3_persistence_threshold,
+        minibatch_size=cfg.ppo.minibatch_size,
+        max_grad_norm=cfg.ppo.max_grad_norm,
+        dtype=cfg.model.dtype,
+    )
+
+
 def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     """Validate the config, then build data, reward and models: (trainer, train prompts, held-out prompts)."""
     # 0. check the config, and everything else that is cheap to check, before any model is loaded
@@ -117,14 +130,7 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
         torch.set_num_threads(cfg.hardware.num_threads)
     if cfg.hardware.parallel_models:
         limit_malloc_arenas(1)
-    hardware = cfg.hardware
-    zero = None
-    if hardware.distributed == "deepspeed":
-        zero = deepspeed_config(
-            hardware.zero_stage, cfg.ppo.minibatch_size, cfg.ppo.max_grad_norm, cfg.model.dtype,
-            hardware.zero3_persistence_threshold,
-        )  # fmt: skip
-    dist = Distributed.launch(hardware.distributed, hardware.device, zero)
+    dist = launch(cfg.hardware.distributed, launch_settings(cfg))
     device = dist.accelerator.device if dist.accelerator else torch.device(cfg.hardware.device)
 
     # 1. prompts, the actor's tokenizer, and whether prompts and responses fit the actor's context

@@ -215,7 +215,7 @@ def save_engines(trainer: PPOTrainer, folder: Path) -> dict[str, Path]:
     """With DeepSpeed, every rank writes its engines' checkpoints (its shards of the optimizer state)
     to ``folder``, which the checkpoint then takes in as its ``deepspeed/``; nothing otherwise."""
     dist = trainer.dist
-    if dist.kind != "deepspeed":
+    if not dist.saves_engines:
         return {}
     if dist.is_main:
         shutil.rmtree(folder, ignore_errors=True)  # left by a save that died
@@ -259,14 +259,14 @@ def restore_run(
     path: Path, cfg: DictConfig, trainer: PPOTrainer, sampler: PromptSampler, health: HealthMonitor
 ) -> tuple[str, int]:
     """Load checkpoint ``path`` into the run's objects; returns (W&B run id, step of the checkpoint)."""
-    deepspeed = trainer.dist.kind == "deepspeed"  # the engines' own checkpoints hold the weights
-    weights, state = load_checkpoint(path, [] if deepspeed else list(trained_models(trainer)))
+    engines = trainer.dist.saves_engines  # the engines' own checkpoints hold the weights
+    weights, state = load_checkpoint(path, [] if engines else list(trained_models(trainer)))
     rngs, world = state["rng"], trainer.dist.world_size
     if len(rngs) != world:
         raise ValueError(
             f"{path} was written by a run of {len(rngs)} process(es): resume it with as many (this one has {world})"
         )
-    if deepspeed:  # weights and optimizer state: each rank its shard
+    if engines:  # weights and optimizer state: each rank its shard
         if not (path / ENGINES).is_dir():
             raise ValueError(
                 f"{path} was not written by DeepSpeed engines: resume it without hardware.distributed=deepspeed"

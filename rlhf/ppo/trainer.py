@@ -22,7 +22,7 @@ from rlhf.models.generation import generate
 from rlhf.ppo.experience import compute_logprobs, compute_values, make_experience
 from rlhf.ppo.metrics import rollout_metrics, score_metrics
 from rlhf.rewards.normalize import check_finite
-from rlhf.runtime.distributed import Distributed
+from rlhf.runtime.distributed import Distributed, Single
 from rlhf.runtime.threads import model_threads
 
 A = TypeVar("A")
@@ -63,7 +63,7 @@ class PPOTrainer:
         self.cfg = cfg
         self.generator = shuffle_generator  # mini-batch shuffling only
         self.steps_done = 0
-        self.dist = dist or Distributed()
+        self.dist = dist or Single()
         # The modules the update's forwards go through: with several ranks, DistributedDataParallel
         # or DeepSpeed engines (the critic sharing the actor's trunk is one process only).
         self.train_actor = self.dist.wrap(actor, actor_optimizer)
