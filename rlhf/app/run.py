@@ -74,7 +74,7 @@ def train_validated(cfg: DictConfig) -> dict[str, float]:
 
 
 def _train(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, float]:
-    # 1. build the run, and restore it from the checkpoint trainer.resume picks (if any)
+    # Build the run, and restore it from the checkpoint trainer.resume picks (if any)...
     resume_from = find_resume_checkpoint(cfg, run_dir)
     trainer, train_prompts, eval_prompts = build_trainer(cfg)
     dist = trainer.dist
@@ -89,7 +89,7 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, float]:
     # From here on a stop signal is handled: the loop stops after its step; later, the run finishes.
     with StopSignals() as stop:
         try:
-            # 2. the PPO loop; 3. the run's summary, its model and status.json
+            # ...run the PPO loop (ppo_loop: its steps numbered there), then the summary, model and status.json.
             history = ppo_loop(cfg, trainer, sampler, health, tracker, eval_prompts, stop, run_dir)
             summary = finish_run(cfg, trainer, tracker, stop, history=history, run_dir=run_dir, started=started)
             exit_code = 0
