@@ -154,16 +154,18 @@ def table_rows(runs: list[Run]) -> list[dict[str, object]]:
         evals = run.series("eval/score")[1]
         clip = run.series("policy/clipfrac")[1]
         s = run.summary
-        rows.append({
-            "run": run.name,
-            "status": run.status if not run.error else f"{run.status}: {run.error}",
-            "final reward": s.get("final/eval_score", evals[-1] if evals else math.nan),
-            "best reward": s.get("best/eval_score", max(evals) if evals else math.nan),
-            "final KL": _final_kl(run),
-            "clipfrac": s.get("mean/policy_clipfrac", sum(clip) / len(clip) if clip else math.nan),
-            "value loss": s.get("final/value_loss", _last(run, "loss/value")),
-            "seconds": s.get("time/total", math.nan),
-        })  # fmt: skip
+        rows.append(
+            {
+                "run": run.name,
+                "status": run.status if not run.error else f"{run.status}: {run.error}",
+                "final reward": s.get("final/eval_score", evals[-1] if evals else math.nan),
+                "best reward": s.get("best/eval_score", max(evals) if evals else math.nan),
+                "final KL": _final_kl(run),
+                "clipfrac": s.get("mean/policy_clipfrac", sum(clip) / len(clip) if clip else math.nan),
+                "value loss": s.get("final/value_loss", _last(run, "loss/value")),
+                "seconds": s.get("time/total", math.nan),
+            }
+        )
     return rows
 
 
@@ -229,12 +231,6 @@ def _set_ylim(ax, values: list[float], kind: str) -> None:  # noqa: ANN001 - a m
         ax.set_ylim(*pad_limits(min(finite), max(finite), min_span=MIN_SPAN[kind]))
 
 
-def _legend_outside(fig, handles: list, labels: list[str]) -> None:  # noqa: ANN001 - a matplotlib Figure
-    # Run names can be long: put the legend right of the axes; savefig(bbox_inches="tight") keeps it.
-    if handles:
-        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
-
-
 def plot(runs: list[Run], out_dir: Path, *, smooth: float = DEFAULT_SMOOTH) -> list[Path]:
     """curves.png (held-out reward, training reward and KL per step) and frontier.png (final reward vs KL).
 
@@ -246,12 +242,20 @@ def plot(runs: list[Run], out_dir: Path, *, smooth: float = DEFAULT_SMOOTH) -> l
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     ema([], smooth)  # checks smooth before anything is drawn
     out_dir.mkdir(parents=True, exist_ok=True)
     colors = [plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")(i % 20) for i in range(len(runs))]
     unit = reward_label(runs)
+    curves = _plot_curves(runs, out_dir / "curves.png", colors=colors, unit=unit, smooth=smooth)
+    frontier = _plot_frontier(runs, out_dir / "frontier.png", colors=colors, unit=unit)
+    return [curves, frontier]
+
+
+def _plot_curves(runs: list[Run], path: Path, *, colors: list, unit: str, smooth: float) -> Path:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     panels = [
         ("eval/score", "held-out reward", f"held-out reward ({unit})", "reward", False),
@@ -281,11 +285,11 @@ def plot(runs: list[Run], out_dir: Path, *, smooth: float = DEFAULT_SMOOTH) -> l
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel, fontsize=9)
         ax.grid(alpha=0.3)
-    _legend_outside(fig, handles, labels)
-    fig.tight_layout()
-    curves = out_dir / "curves.png"
-    fig.savefig(curves, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    return _save(fig, handles, labels, path)
+
+
+def _plot_frontier(runs: list[Run], path: Path, *, colors: list, unit: str) -> Path:
+    import matplotlib.pyplot as plt
 
     # Points are numbered and the legend maps numbers to run names: names next to the points overlap.
     fig, ax = plt.subplots(figsize=(6.5, 5))
@@ -303,12 +307,20 @@ def plot(runs: list[Run], out_dir: Path, *, smooth: float = DEFAULT_SMOOTH) -> l
     ax.set_ylabel(f"final held-out reward ({unit})")
     ax.set_title("reward-KL frontier (up and left is better)")
     ax.grid(alpha=0.3)
-    _legend_outside(fig, handles, labels)
+    return _save(fig, handles, labels, path)
+
+
+def _save(fig, handles: list, labels: list[str], path: Path) -> Path:  # noqa: ANN001 - a matplotlib Figure
+    """The figure with its legend outside the axes, as a PNG at ``path``; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    # Run names can be long: put the legend right of the axes; savefig(bbox_inches="tight") keeps it.
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
-    frontier = out_dir / "frontier.png"
-    fig.savefig(frontier, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return [curves, frontier]
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

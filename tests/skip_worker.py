@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlhf.app.build import build_trainer  # noqa: E402
-from rlhf.app.run import trained_models  # noqa: E402
+from rlhf.app.state import trained_models  # noqa: E402
 from rlhf.data.prompts import PromptSampler  # noqa: E402
 from tests.conftest import compose  # noqa: E402
 

@@ -21,6 +21,7 @@ import rlhf.app.build
 import rlhf.rewards.scorers
 from rlhf.app.build import build_trainer, resolve_actor_paths
 from rlhf.config.redact import loggable_config
+from rlhf.config.validate import validate
 from rlhf.runtime.checkpoint import find_resume_checkpoint, save_checkpoint
 from tests.helpers import REPO, compose, short_run
 from tests.stand_ins import save_tiny_qwen
@@ -248,7 +249,9 @@ def test_bad_input_fails_before_any_model_loads_naming_it(make_cfg, files, no_mo
     resolve_actor_paths(make_cfg())  # the built-in tiny actor is cached, as on any second run
     started = time.perf_counter()
     with pytest.raises((ValueError, ConfigCompositionException, OmegaConfBaseException)) as info:
-        build_trainer(make_cfg(*expand(overrides, files)))
+        cfg = make_cfg(*expand(overrides, files))
+        validate(cfg)  # as train() does before it builds the run
+        build_trainer(cfg)
     elapsed = time.perf_counter() - started
     text = str(info.value) + str(info.value.__cause__ or "")
     assert message in text, text

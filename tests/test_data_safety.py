@@ -84,11 +84,11 @@ def test_a_damaged_middle_row_stops_the_resume_and_changes_nothing(finished, tmp
 
 
 def test_a_last_row_cut_short_by_a_kill_is_still_dropped(cli_run, tmp_path):
-    from rlhf.runtime.tracking import read_rows
+    from rlhf.runtime.jsonl import read_rows
 
     path = copy_of(cli_run[0], tmp_path) / "metrics.jsonl"  # a finished 2-step run's rows
     path.write_text(path.read_text() + '{"step": 3, "objec')
-    assert [row["step"] for row in read_rows(path)] == [0, 1, 2]
+    assert [row["step"] for row in read_rows(path, required_key="step")] == [0, 1, 2]
 
 
 def damage_floats(path: Path) -> None:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from rlhf.app.run import train
 from rlhf.runtime.checkpoint import MANIFEST, complete_checkpoints, load_checkpoint, save_checkpoint
 from rlhf.runtime.signals import StopSignals
-from rlhf.runtime.tracking import Tracker
+from rlhf.runtime.tracking import Tracker, WandbSettings
 from tests.helpers import REPO, RESUME_RUN, metrics_by_step, resume_cli, wandb_inspect
 from tests.signalling import ENV
 
@@ -224,16 +224,17 @@ def test_a_crash_at_any_operation_of_a_save_leaves_a_complete_checkpoint(tmp_pat
 
 
 def test_tracker_resumes_its_files_at_the_checkpoint(tmp_path):
+    settings = WandbSettings(mode="disabled", project="p", name="n")
     rows = "".join(json.dumps({"step": s, "x": s}) + "\n" for s in range(4))
     (tmp_path / "metrics.jsonl").write_text(rows + '{"step": 4, "x"')  # the last line cut short by a kill
     (tmp_path / "samples.jsonl").write_text(rows)
-    tracker = Tracker(tmp_path, {}, "disabled", "p", None, None, "n", [], run_id=None, resume_step=2)
+    tracker = Tracker(tmp_path, config={}, settings=settings, run_id=None, resume_step=2)
     tracker.finish()
     assert [r["step"] for r in tracker.history()] == [0, 1, 2]
     assert (tmp_path / "samples.jsonl").read_text().count("\n") == 3
     with pytest.raises(ValueError, match="should hold steps 0..5"):
-        Tracker(tmp_path, {}, "disabled", "p", None, None, "n", [], run_id=None, resume_step=5)
-    Tracker(tmp_path, {}, "disabled", "p", None, None, "n", [], run_id=None).finish()  # a fresh run starts anew
+        Tracker(tmp_path, config={}, settings=settings, run_id=None, resume_step=5)
+    Tracker(tmp_path, config={}, settings=settings, run_id=None).finish()  # a fresh run starts anew
     assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 

@@ -19,7 +19,6 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from rlhf.config.schema import DataConfig
-from rlhf.config.validate import validate
 from rlhf.core.kl import make_kl_controller
 from rlhf.data.prompts import fit_prompt_lengths, load_prompts
 from rlhf.models.critic import build_critic, shares_vocabulary
@@ -123,8 +122,6 @@ def launch_settings(cfg: DictConfig) -> LaunchSettings:
 
 def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     """Validate the config, then build data, reward and models: (trainer, train prompts, held-out prompts)."""
-    # 0. check the config, and everything else that is cheap to check, before any model is loaded
-    validate(cfg)
     hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
     if cfg.hardware.num_threads is not None:
         torch.set_num_threads(cfg.hardware.num_threads)

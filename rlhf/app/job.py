@@ -35,7 +35,7 @@ from rlhf.config.validate import validate
 from rlhf.data.prompts import load_prompts, local_prompt_files
 from rlhf.runtime.rundir import RunDirLocked, locked_run_dir
 from rlhf.runtime.signals import RunInterrupted, StoppedAtOnce, stop_at_once
-from rlhf.runtime.status import STATUS_FILE, TRACEBACK_FILE, _status, write_status
+from rlhf.runtime.status import STATUS_FILE, TRACEBACK_FILE, read_status, write_status
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +111,9 @@ def _run_locked(cfg: DictConfig, run_dir: Path, redactor: Redactor) -> float:
         write_status(run_dir, "running", pid=os.getpid(), started=started)
 
     try:
-        from rlhf.app.run import train  # torch and transformers: seconds
+        from rlhf.app.run import train_validated  # torch and transformers: seconds
 
-        return train(cfg)["objective"]
+        return train_validated(cfg)["objective"]
     except RunInterrupted as stopped:
         # A stop signal ends the process (and a sweep) with 128 + its number, as the shell expects.
         # train() has written status.json ("interrupted", with the step and the checkpoint).
@@ -122,7 +122,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, redactor: Redactor) -> float:
     except KeyboardInterrupt as stopped:  # a second signal, a signal before the loop, or Ctrl-C
         exit_code = stopped.exit_code if isinstance(stopped, StoppedAtOnce) else 128 + 2
         # A signal after train() wrote "interrupted" (with its step and checkpoint) keeps that status.
-        if main and _status(run_dir) != "interrupted":
+        if main and read_status(run_dir) != "interrupted":
             write_status(run_dir, "interrupted", error=redactor.scrub(str(stopped) or "KeyboardInterrupt"))
         log.error("%s", stopped)
         raise SystemExit(exit_code) from stopped

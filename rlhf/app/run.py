@@ -1,50 +1,37 @@
-"""``train(cfg)``: build the run from a composed config (``rlhf.app.build``) and loop PPO iterations,
-checkpointing and resuming (``rlhf.runtime.checkpoint``) and stopping cleanly on SIGTERM/SIGINT.
+"""``train(cfg)``: validate the config, build the run (``rlhf.app.build``), restore it from a checkpoint
+(``rlhf.app.state``) and loop PPO iterations, checkpointing them and stopping cleanly on SIGTERM/SIGINT.
 
-Entry point: ``python train.py`` (see README). Tests call ``train(cfg)`` directly.
+Entry point: ``python train.py`` (see README), whose job (``rlhf.app.job``) validates before torch is
+imported and then calls ``train_validated``. Tests call ``train(cfg)`` directly.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
 import torch
-import yaml
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from rlhf.app.build import build_trainer, make_schedulers
+from rlhf.app.build import build_trainer
 from rlhf.app.jobinfo import group_of, run_dir_of, run_name_of, shares_console
+from rlhf.app.state import restore_run, run_state, save_model, save_run_checkpoint
 from rlhf.config.redact import loggable_config
 from rlhf.config.validate import validate
 from rlhf.data.prompts import PromptSampler
 from rlhf.ppo.metrics import token_debug_rows
 from rlhf.ppo.trainer import PPOTrainer
-from rlhf.runtime.checkpoint import (
-    capture_rng,
-    checkpoint_path,
-    complete_checkpoints,
-    find_resume_checkpoint,
-    load_checkpoint,
-    restore_rng,
-    retied,
-    save_checkpoint,
-    untied,
-)
+from rlhf.runtime.checkpoint import complete_checkpoints, find_resume_checkpoint
 from rlhf.runtime.health import HealthMonitor
 from rlhf.runtime.rundir import locked_run_dir
 from rlhf.runtime.signals import RunInterrupted, StopSignals
 from rlhf.runtime.status import write_status
-from rlhf.runtime.tracking import NullTracker, Tracker
+from rlhf.runtime.tracking import NullTracker, Tracker, WandbSettings
 
 log = logging.getLogger(__name__)
-
-
-ENGINES = "deepspeed"  # a checkpoint's folder of DeepSpeed engine checkpoints
 
 
 def evaluate(trainer: PPOTrainer, prompts: list[str]) -> dict[str, float]:
@@ -74,14 +61,20 @@ def evaluate(trainer: PPOTrainer, prompts: list[str]) -> dict[str, float]:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run PPO as configured, continuing from a checkpoint per ``trainer.resume``; returns the
     run's final figures (also the W&B summary). Raises ``RunInterrupted`` after a stop signal."""
+    validate(cfg)  # milliseconds
+    return train_validated(cfg)
+
+
+def train_validated(cfg: DictConfig) -> dict[str, float]:
+    """``train`` of a config validated already (the job validates before torch is imported)."""
     started = time.perf_counter()
-    validate(cfg)  # milliseconds; from the command line it has run already, before torch was imported
     run_dir = run_dir_of(cfg)
     with locked_run_dir(run_dir):  # one run at a time in a run dir, from before anything is read or written
         return _train(cfg, run_dir, started)
 
 
 def _train(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, float]:
+    # Build the run, and restore it from the checkpoint trainer.resume picks (if any)...
     resume_from = find_resume_checkpoint(cfg, run_dir)
     trainer, train_prompts, eval_prompts = build_trainer(cfg)
     dist = trainer.dist
@@ -91,31 +84,14 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, float]:
     run_id, last_step = None, None
     if resume_from is not None:
         run_id, last_step = restore_run(resume_from, cfg, trainer, sampler, health)
-    logged = loggable_config(cfg)
-    wandb_cfg = logged["logging"]["wandb"]  # mode as set; project, entity, tags with ${oc.env:...} as <env NAME> too
-    if dist.is_main:  # rank 0 alone writes the run dir: metrics, W&B, checkpoints
-        tracker = Tracker(
-            run_dir, logged, cfg.logging.wandb.mode, wandb_cfg["project"], wandb_cfg["entity"],
-            group_of(cfg), run_name_of(cfg), list(wandb_cfg["tags"]), run_id, last_step,
-        )  # fmt: skip
-    dist.barrier()  # rank 0 has cut metrics.jsonl back to the checkpoint's step: the others read it now
-    if not dist.is_main:
-        tracker = NullTracker(run_dir)
+    tracker = open_tracker(cfg, run_dir, trainer, run_id=run_id, resume_step=last_step)
     exit_code, preempted = 1, False
     # From here on a stop signal is handled: the loop stops after its step; later, the run finishes.
     with StopSignals() as stop:
         try:
+            # ...run the PPO loop (ppo_loop: its steps numbered there), then the summary, model and status.json.
             history = ppo_loop(cfg, trainer, sampler, health, tracker, eval_prompts, stop, run_dir)
-            summary = summarize(
-                history[0], history[1:], time.perf_counter() - started, cfg.trainer.objective_kl_weight
-            )
-            if cfg.trainer.save_model:
-                save_model(trainer, run_dir / "model")
-            tracker.summary(summary)
-            if dist.is_main:
-                with stop.protected():
-                    write_status(run_dir, "completed", summary=summary, world_size=dist.world_size)
-                print_summary(summary, run_dir)
+            summary = finish_run(cfg, trainer, tracker, stop, history=history, run_dir=run_dir, started=started)
             exit_code = 0
             return summary
         except RunInterrupted as stopped:
@@ -131,6 +107,50 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, float]:
         finally:
             with stop.protected():
                 tracker.finish(exit_code, preempted)
+
+
+def open_tracker(
+    cfg: DictConfig, run_dir: Path, trainer: PPOTrainer, *, run_id: str | None, resume_step: int | None
+) -> Tracker | NullTracker:
+    """Rank 0's ``Tracker`` (metrics.jsonl, W&B), resuming W&B run ``run_id``; a ``NullTracker`` elsewhere."""
+    dist = trainer.dist
+    if dist.is_main:  # rank 0 alone writes the run dir: metrics, W&B, checkpoints
+        logged = loggable_config(cfg)
+        wandb_cfg = logged["logging"]["wandb"]  # project, entity, tags with ${oc.env:...} as <env NAME> too
+        settings = WandbSettings(
+            mode=cfg.logging.wandb.mode,  # as set
+            project=wandb_cfg["project"],
+            name=run_name_of(cfg),
+            entity=wandb_cfg["entity"],
+            group=group_of(cfg),
+            tags=tuple(wandb_cfg["tags"]),
+        )
+        tracker = Tracker(run_dir, config=logged, settings=settings, run_id=run_id, resume_step=resume_step)
+    dist.barrier()  # rank 0 has cut metrics.jsonl back to the checkpoint's step: the others read it now
+    return tracker if dist.is_main else NullTracker(run_dir)
+
+
+def finish_run(
+    cfg: DictConfig,
+    trainer: PPOTrainer,
+    tracker: Tracker | NullTracker,
+    stop: StopSignals,
+    *,
+    history: list[dict[str, float]],
+    run_dir: Path,
+    started: float,
+) -> dict[str, float]:
+    """After the last step: the run's summary (W&B, status.json, the console) and its trained model."""
+    seconds = time.perf_counter() - started
+    summary = summarize(history[0], history[1:], seconds, cfg.trainer.objective_kl_weight)
+    if cfg.trainer.save_model:
+        save_model(trainer, run_dir / "model")
+    tracker.summary(summary)
+    if trainer.dist.is_main:
+        with stop.protected():
+            write_status(run_dir, "completed", summary=summary, world_size=trainer.dist.world_size)
+        print_summary(summary, run_dir)
+    return summary
 
 
 def ppo_loop(
@@ -174,22 +194,19 @@ def ppo_loop(
             history.append(metrics)
             if final_state or stopping or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
                 state = final_state or run_state(step, trainer, sampler, health, tracker.run.id, steps)
-                config_yaml = yaml.safe_dump(loggable_config(cfg), sort_keys=False)
-                checkpoint = checkpoint_path(run_dir / "checkpoints", step)
-                weights = model_weights(trainer)  # gathered on rank 0 from every rank's shard
-                engines = save_engines(trainer, run_dir / "checkpoints" / f".engines-{checkpoint.name}")
-                if trainer.dist.is_main:
-                    checkpoint = save_checkpoint(
-                        run_dir / "checkpoints", step, weights, state, config_yaml, cfg.trainer.keep_last,
-                        folders=engines,
-                    )  # fmt: skip
-        bar.set_postfix(reward=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
-        if quiet and "eval/score" in metrics:  # no bar: one line per evaluation instead
-            figures = (metrics["objective/scores"], metrics["objective/kl"], metrics["eval/score"])
-            log.info("step %d/%d: reward %.3f, KL %.3f, held-out reward %.3f", step, steps, *figures)
+                checkpoint = save_run_checkpoint(cfg, trainer, step=step, state=state, run_dir=run_dir)
+        show_progress(bar, metrics, step=step, steps=steps, quiet=quiet)
         if stopping and step < steps:
             raise RunInterrupted(stop_signal, step, checkpoint)
     return history
+
+
+def show_progress(bar: tqdm, metrics: dict[str, float], *, step: int, steps: int, quiet: bool) -> None:
+    """The step's reward and KL on the progress bar; without a bar, one log line per evaluation."""
+    bar.set_postfix(reward=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+    if quiet and "eval/score" in metrics:
+        figures = (metrics["objective/scores"], metrics["objective/kl"], metrics["eval/score"])
+        log.info("step %d/%d: reward %.3f, KL %.3f, held-out reward %.3f", step, steps, *figures)
 
 
 def log_step(tracker: Tracker, trainer: PPOTrainer, metrics: dict[str, float], step: int, logging_cfg) -> None:
@@ -201,91 +218,6 @@ def log_step(tracker: Tracker, trainer: PPOTrainer, metrics: dict[str, float], s
         rows = token_debug_rows(trainer.last_samples, trainer.last_experience, trainer.tokenizer,
                                 logging_cfg.debug_samples)  # fmt: skip
         tracker.log_table("token_debug", step, rows)
-
-
-def trained_models(trainer: PPOTrainer) -> dict[str, torch.nn.Module]:
-    return {"actor": trainer.actor, "critic": trainer.critic}
-
-
-def trained_engines(trainer: PPOTrainer) -> dict[str, torch.nn.Module]:
-    return {"actor": trainer.train_actor, "critic": trainer.train_critic}
-
-
-def save_engines(trainer: PPOTrainer, folder: Path) -> dict[str, Path]:
-    """With DeepSpeed, every rank writes its engines' checkpoints (its shards of the optimizer state)
-    to ``folder``, which the checkpoint then takes in as its ``deepspeed/``; nothing otherwise."""
-    dist = trainer.dist
-    if not dist.saves_engines:
-        return {}
-    if dist.is_main:
-        shutil.rmtree(folder, ignore_errors=True)  # left by a save that died
-    dist.barrier()
-    for name, engine in trained_engines(trainer).items():
-        dist.save_engine(engine, folder / name)
-    return {ENGINES: folder}
-
-
-def model_weights(trainer: PPOTrainer) -> dict[str, dict[str, torch.Tensor]]:
-    """The trained models' full weights on rank 0 (each tied parameter once), for a checkpoint."""
-    return {name: untied(model, trainer.dist.state_dict(model)) for name, model in trained_models(trainer).items()}
-
-
-def save_model(trainer: PPOTrainer, folder: Path) -> None:
-    """The trained actor and its tokenizer, as ``from_pretrained`` reads them (rank 0 writes; with
-    FSDP every rank takes part in gathering the weights). A LoRA actor writes its adapters only."""
-    dist = trainer.dist
-    weights = untied(trainer.actor, dist.state_dict(trainer.actor)) if dist.sharded else None
-    if dist.is_main:
-        trainer.actor.save_pretrained(folder, state_dict=weights)
-        trainer.tokenizer.save_pretrained(folder)
-
-
-def run_state(
-    step: int, trainer: PPOTrainer, sampler: PromptSampler, health: HealthMonitor, wandb_run_id: str, planned: int
-) -> dict:
-    """Everything besides the weights that the run after ``step`` depends on (a checkpoint's state.pt)."""
-    return {
-        "step": step,
-        "planned_steps": planned,  # trainer.steps the LR schedule was planned for
-        "trainer": trainer.state_dict(),
-        "sampler": sampler.state_dict(),
-        "health": health.state_dict(),
-        "rng": trainer.dist.gather_objects([capture_rng()]),  # one per rank: each samples with its own
-        "wandb_run_id": wandb_run_id,
-    }
-
-
-def restore_run(
-    path: Path, cfg: DictConfig, trainer: PPOTrainer, sampler: PromptSampler, health: HealthMonitor
-) -> tuple[str, int]:
-    """Load checkpoint ``path`` into the run's objects; returns (W&B run id, step of the checkpoint)."""
-    engines = trainer.dist.saves_engines  # the engines' own checkpoints hold the weights
-    weights, state = load_checkpoint(path, [] if engines else list(trained_models(trainer)))
-    rngs, world = state["rng"], trainer.dist.world_size
-    if len(rngs) != world:
-        raise ValueError(
-            f"{path} was written by a run of {len(rngs)} process(es): resume it with as many (this one has {world})"
-        )
-    if engines:  # weights and optimizer state: each rank its shard
-        if not (path / ENGINES).is_dir():
-            raise ValueError(
-                f"{path} was not written by DeepSpeed engines: resume it without hardware.distributed=deepspeed"
-            )
-        for name, engine in trained_engines(trainer).items():
-            trainer.dist.load_engine(engine, path / ENGINES / name)
-    else:
-        for name, model in trained_models(trainer).items():
-            trainer.dist.load_state_dict(model, retied(model, weights[name]))
-    trainer.load_state_dict(state["trainer"])
-    if state["planned_steps"] != cfg.trainer.steps:
-        # trainer.steps was raised: the LR schedule continues as if the run had been planned this long.
-        trainer.schedulers = make_schedulers(cfg, list(trainer.optimizers().values()), trainer.steps_done)
-        log.info("LR schedule re-planned over trainer.steps=%d (was %d)", cfg.trainer.steps, state["planned_steps"])
-    sampler.load_state_dict(state["sampler"])
-    health.load_state_dict(state["health"])
-    restore_rng(rngs[trainer.dist.rank])
-    log.info("resuming from %s after step %d", path, state["step"])
-    return state["wandb_run_id"], state["step"]
 
 
 def summarize(

@@ -45,8 +45,13 @@ PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "wandb", "accele
 
 def _git_revision() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)  # fmt: skip
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -132,27 +137,8 @@ def save_checkpoint(
     staging = root / f".staging-{final.name}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    files = {}
-    for name, tensors in weights.items():
-        save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, str(staging / f"{name}.safetensors"))
-        files[name] = f"{name}.safetensors"
-    torch.save(state, staging / "state.pt")
-    (staging / "config.yaml").write_text(config_yaml)
-    for name, folder in folders.items():
-        folder.rename(staging / name)
-        files[name] = f"{name}/"
-    files.update(state="state.pt", config="config.yaml")
-    # Every file's sha256 (DeepSpeed's folders too): a resume checks them and passes over a damaged checkpoint.
-    stored = sorted(path for path in staging.rglob("*") if path.is_file())
-    checksums = {path.relative_to(staging).as_posix(): _sha256(path) for path in stored}
-    manifest = {
-        "step": step,
-        "files": files,
-        "sha256": checksums,
-        "versions": _versions(),
-        "git_revision": _git_revision(),
-    }
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    files = _write_files(staging, weights=weights, state=state, config_yaml=config_yaml, folders=folders)
+    _write_manifest(staging, step=step, files=files)
     for path in staging.rglob("*"):
         if path.is_file():
             with path.open("rb") as f:
@@ -164,6 +150,43 @@ def save_checkpoint(
     for old in complete_checkpoints(root)[:-keep_last]:
         _remove(old)
     return final
+
+
+def _write_files(
+    staging: Path,
+    *,
+    weights: dict[str, dict[str, torch.Tensor]],
+    state: dict[str, Any],
+    config_yaml: str,
+    folders: dict[str, Path],
+) -> dict[str, str]:
+    """A checkpoint's files in ``staging`` (all but the manifest); returns the manifest's ``files``."""
+    files = {}
+    for name, tensors in weights.items():
+        save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, str(staging / f"{name}.safetensors"))
+        files[name] = f"{name}.safetensors"
+    torch.save(state, staging / "state.pt")
+    (staging / "config.yaml").write_text(config_yaml)
+    for name, folder in folders.items():
+        folder.rename(staging / name)
+        files[name] = f"{name}/"
+    files.update(state="state.pt", config="config.yaml")
+    return files
+
+
+def _write_manifest(staging: Path, *, step: int, files: dict[str, str]) -> None:
+    """``manifest.json``, written last: the step, its files, and every file's sha256 (DeepSpeed's
+    folders too), which a resume checks to pass over a damaged checkpoint."""
+    stored = sorted(path for path in staging.rglob("*") if path.is_file())
+    checksums = {path.relative_to(staging).as_posix(): _sha256(path) for path in stored}
+    manifest = {
+        "step": step,
+        "files": files,
+        "sha256": checksums,
+        "versions": _versions(),
+        "git_revision": _git_revision(),
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 def _sha256(path: Path) -> str:
@@ -221,8 +244,11 @@ def changed_keys(saved: dict, current: dict, allowed: tuple[str, ...], prefix: s
 def capture_rng() -> dict[str, Any]:
     """Global RNG states (Python, NumPy, torch CPU and CUDA) as plain values for a weights-only checkpoint."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
-             "torch": torch.get_rng_state()}  # fmt: skip
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

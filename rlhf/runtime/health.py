@@ -37,20 +37,46 @@ class Check:
 
 
 CHECKS = [
-    Check("health/ratio_dev_first", lambda v: v > 1e-3, "> 1e-3",
-          "the update's forward disagrees with the rollout's (dropout, padding, temperature or dtype mismatch)"),
-    Check("health/neg_kl_frac", lambda v: v > 0.5, "> 0.5",
-          "most sampled tokens are likelier under the reference: sampling may not follow the policy"),
-    Check("health/truncation_rate", lambda v: v > 0.5, "> 0.5",
-          "most responses hit rollout.max_new_tokens without EOS: raise it or add reward.missing_eos_penalty"),
-    Check("health/length_drift", lambda v: abs(v) > 0.5, "|drift| > 0.5",
-          "mean response length moved by more than half since step 1 (length hacking or collapse)"),
-    Check("health/explained_var", lambda v: v < -0.5, "< -0.5",
-          f"over the last {EXPLAINED_VAR_WINDOW} rollouts the critic predicts returns worse than a constant: "
-          "lower its learning rate or check value targets"),
-    Check("health/clipfrac", lambda v: v > 0.3, "> 0.3",
-          "many tokens are clipped: the policy moves too far per step (lower the LR, epochs or mini-batches)"),
-]  # fmt: skip
+    Check(
+        key="health/ratio_dev_first",
+        is_bad=lambda v: v > 1e-3,
+        threshold="> 1e-3",
+        hint="the update's forward disagrees with the rollout's (dropout, padding, temperature or dtype mismatch)",
+    ),
+    Check(
+        key="health/neg_kl_frac",
+        is_bad=lambda v: v > 0.5,
+        threshold="> 0.5",
+        hint="most sampled tokens are likelier under the reference: sampling may not follow the policy",
+    ),
+    Check(
+        key="health/truncation_rate",
+        is_bad=lambda v: v > 0.5,
+        threshold="> 0.5",
+        hint="most responses hit rollout.max_new_tokens without EOS: raise it or add reward.missing_eos_penalty",
+    ),
+    Check(
+        key="health/length_drift",
+        is_bad=lambda v: abs(v) > 0.5,
+        threshold="|drift| > 0.5",
+        hint="mean response length moved by more than half since step 1 (length hacking or collapse)",
+    ),
+    Check(
+        key="health/explained_var",
+        is_bad=lambda v: v < -0.5,
+        threshold="< -0.5",
+        hint=(
+            f"over the last {EXPLAINED_VAR_WINDOW} rollouts the critic predicts returns worse than a constant: "
+            "lower its learning rate or check value targets"
+        ),
+    ),
+    Check(
+        key="health/clipfrac",
+        is_bad=lambda v: v > 0.3,
+        threshold="> 0.3",
+        hint="many tokens are clipped: the policy moves too far per step (lower the LR, epochs or mini-batches)",
+    ),
+]
 
 
 class HealthMonitor:

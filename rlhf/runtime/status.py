@@ -22,6 +22,7 @@ def write_status(run_dir: Path, status: str, **fields: Any) -> None:
     os.replace(staged, run_dir / STATUS_FILE)
 
 
-def _status(run_dir: Path) -> str | None:
+def read_status(run_dir: Path) -> str | None:
+    """The run's status ("running", "completed", ...), or None before its ``status.json`` is written."""
     path = run_dir / STATUS_FILE
     return json.loads(path.read_text())["status"] if path.exists() else None

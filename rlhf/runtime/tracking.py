@@ -11,12 +11,13 @@ import logging
 import os
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import wandb
 
-from rlhf.runtime import jsonl
+from rlhf.runtime.jsonl import read_rows
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,18 @@ TABLES = ("samples", "token_debug")
 RUN_FILES = (METRICS_FILE, *(f"{name}.jsonl" for name in TABLES))
 
 
+@dataclass(frozen=True)
+class WandbSettings:
+    """The W&B run's place and name (``logging.wandb``, with the job's run name and group filled in)."""
+
+    mode: str | None  # online | offline | disabled; None: $WANDB_MODE, else offline without an API key
+    project: str
+    name: str
+    entity: str | None = None
+    group: str | None = None
+    tags: tuple[str, ...] = ()
+
+
 class Tracker:
     """Appends one JSON object per step to ``metrics.jsonl`` and logs the same keys to W&B.
 
@@ -60,44 +73,25 @@ class Tracker:
     def __init__(
         self,
         run_dir: Path,
+        *,
         config: dict[str, Any],
-        mode: str | None,
-        project: str,
-        entity: str | None,
-        group: str | None,
-        name: str,
-        tags: list[str],
+        settings: WandbSettings,
         run_id: str | None = None,
         resume_step: int | None = None,
-    ):
+    ) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
         self.metrics_path = run_dir / METRICS_FILE
-        paths = [run_dir / file for file in RUN_FILES]
-        rows = {path: [] for path in paths}
-        if resume_step is not None:
-            # Everything is read and checked before anything is written: a failure leaves every file as it was.
-            rows = {path: [row for row in read_rows(path) if row["step"] <= resume_step] for path in paths}
-            logged = [row["step"] for row in rows[self.metrics_path]]
-            if logged != list(range(resume_step + 1)):
-                raise ValueError(
-                    f"{self.metrics_path} should hold steps 0..{resume_step} to resume from the checkpoint of step "
-                    f"{resume_step}, but holds {len(logged)} of them: restore it, or start a new run dir"
-                )
-        for path, kept in rows.items():
-            if kept or path.exists():
-                staged = path.with_suffix(".jsonl.tmp")  # replaced in one step: a kill here loses no row
-                staged.write_text("".join(json.dumps(row) + "\n" for row in kept))
-                staged.replace(path)
-        self.mode = resolve_wandb_mode(mode)
+        rows = self._restart_files(resume_step)
+        self.mode = resolve_wandb_mode(settings.mode)
         # Steps the W&B run holds already, read before this process adds its own offline folder.
         offline_steps = wandb_offline_steps(run_dir / "wandb", run_id) if run_id and self.mode == "offline" else []
         self.run = wandb.init(
-            project=project,
-            entity=entity,
-            group=group,
-            name=name,
-            tags=tags,
+            project=settings.project,
+            entity=settings.entity,
+            group=settings.group,
+            name=settings.name,
+            tags=list(settings.tags),
             config=config,
             dir=str(run_dir),
             mode=self.mode,
@@ -110,6 +104,29 @@ class Tracker:
         self.wandb_next_step = max(max(offline_steps, default=-1) + 1, self.run.starting_step if run_id else 0)
         if resume_step is not None:
             self._relog(rows, resume_step)
+
+    def _restart_files(self, resume_step: int | None) -> dict[Path, list[dict[str, Any]]]:
+        """Cut the run's files back to steps ``0..resume_step`` (a fresh run: empty them); returns their rows."""
+        paths = [self.run_dir / file for file in RUN_FILES]
+        rows = {path: [] for path in paths}
+        if resume_step is not None:
+            # Everything is read and checked before anything is written: a failure leaves every file as it was.
+            rows = {
+                path: [row for row in read_rows(path, required_key="step") if row["step"] <= resume_step]
+                for path in paths
+            }
+            logged = [row["step"] for row in rows[self.metrics_path]]
+            if logged != list(range(resume_step + 1)):
+                raise ValueError(
+                    f"{self.metrics_path} should hold steps 0..{resume_step} to resume from the checkpoint of step "
+                    f"{resume_step}, but holds {len(logged)} of them: restore it, or start a new run dir"
+                )
+        for path, kept in rows.items():
+            if kept or path.exists():
+                staged = path.with_suffix(".jsonl.tmp")  # replaced in one step: a kill here loses no row
+                staged.write_text("".join(json.dumps(row) + "\n" for row in kept))
+                staged.replace(path)
+        return rows
 
     def _relog(self, rows: dict[Path, list[dict[str, Any]]], resume_step: int) -> None:
         """Log to W&B the rows of steps ``wandb_next_step..resume_step``, which it lacks."""
@@ -137,7 +154,7 @@ class Tracker:
 
     def history(self) -> list[dict[str, Any]]:
         """The rows of ``metrics.jsonl``, one per logged step, in order."""
-        return read_rows(self.metrics_path)
+        return read_rows(self.metrics_path, required_key="step")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """One step's metrics, to the file and to W&B (unless W&B has the step from before a resume)."""
@@ -174,11 +191,6 @@ class Tracker:
 def _table(rows: list[dict[str, Any]]) -> wandb.Table:
     columns = list(rows[0])
     return wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``.jsonl`` file of the run, each with its ``step`` (``rlhf.runtime.jsonl.read_rows``)."""
-    return jsonl.read_rows(path, required_key="step")
 
 
 # W&B's offline transaction log (``run-<id>.wandb``): a 7-byte header, then LevelDB log records in
@@ -248,7 +260,7 @@ class NullTracker:
         self.metrics_path = run_dir / METRICS_FILE
 
     def history(self) -> list[dict[str, Any]]:
-        return read_rows(self.metrics_path)
+        return read_rows(self.metrics_path, required_key="step")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         pass
