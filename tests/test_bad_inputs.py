@@ -154,6 +154,11 @@ CASES = [
         BUILD,
     ),
     (
+        ["hardware.parallel_models=true", "model.shared_critic=true"],
+        "hardware.parallel_models=True is not allowed: a critic sharing the actor's trunk (model.shared_critic=true)",
+        BUILD,
+    ),
+    (
         ["hardware=fsdp_cpu", "hardware.parallel_models=true"],
         "hardware.distributed='fsdp' is not allowed: runs one",
         BUILD,

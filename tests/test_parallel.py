@@ -76,11 +76,6 @@ def test_a_failure_on_one_thread_stops_the_other(make_cfg):
     assert all(torch.equal(before[n], p) for n, p in trainer.critic.named_parameters())
 
 
-def test_parallel_models_needs_its_own_critic_trunk_and_a_cpu(make_cfg):
-    with pytest.raises(ValueError, match=r"hardware.parallel_models=True .*model.shared_critic=true"):
-        build_trainer(make_cfg("hardware.parallel_models=true", "model.shared_critic=true"))
-
-
 def test_trimmed_minibatch_gives_the_same_logprobs_and_values(make_cfg):
     trainer, train_prompts, _ = build_trainer(make_cfg())
     trainer.step(train_prompts[:8])
