@@ -22,7 +22,7 @@ from rlhf.config.schema import DataConfig
 from rlhf.config.validate import validate
 from rlhf.core.kl import make_kl_controller
 from rlhf.data.prompts import fit_prompt_lengths, load_prompts
-from rlhf.models.critic import build_critic, shares_vocabulary
+from rlhf.models.critic import Critic, build_critic, shares_vocabulary
 from rlhf.models.loading import (
     AdapterDisabledReference,
     add_lora,
@@ -33,10 +33,13 @@ from rlhf.models.loading import (
     trunk_of,
 )
 from rlhf.models.tiny import ensure_tiny_actor
+from rlhf.ppo.rollout import Rollout
+from rlhf.ppo.settings import ExperienceSettings, PPOSettings
 from rlhf.ppo.trainer import PPOTrainer
 from rlhf.rewards.normalize import RewardNormalizer
 from rlhf.rewards.scorers import build_reward
 from rlhf.runtime.distributed import Distributed, deepspeed_config
+from rlhf.runtime.threads import ModelThreads
 from rlhf.tasks.arithmetic import exact_match_reward, solve, split_prompts
 
 log = logging.getLogger(__name__)
@@ -60,9 +63,14 @@ def resolve_actor_paths(cfg: DictConfig) -> tuple[str, str]:
     task = cfg.data if cfg.data.task == "arithmetic" else DataConfig()
     train_prompts, eval_prompts = split_prompts(task.max_operand, task.num_eval, task.seed)
     model_dir, tokenizer_dir = ensure_tiny_actor(
-        OmegaConf.to_object(cfg.model.tiny), cfg.model.cache_dir, train_prompts, [solve(p) for p in train_prompts],
-        eval_prompts, exact_match_reward, progress_bar=cfg.logging.progress_bar,
-    )  # fmt: skip
+        OmegaConf.to_object(cfg.model.tiny),
+        cfg.model.cache_dir,
+        train_prompts,
+        [solve(p) for p in train_prompts],
+        eval_prompts,
+        exact_match_reward,
+        progress_bar=cfg.logging.progress_bar,
+    )
     return str(model_dir), str(tokenizer_dir)
 
 
@@ -112,21 +120,8 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     """Validate the config, then build data, reward and models: (trainer, train prompts, held-out prompts)."""
     # 0. check the config, and everything else that is cheap to check, before any model is loaded
     validate(cfg)
-    hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
-    if cfg.hardware.num_threads is not None:
-        torch.set_num_threads(cfg.hardware.num_threads)
-    if cfg.hardware.parallel_models:
-        limit_malloc_arenas(1)
-    hardware = cfg.hardware
-    zero = None
-    if hardware.distributed == "deepspeed":
-        zero = deepspeed_config(
-            hardware.zero_stage, cfg.ppo.minibatch_size, cfg.ppo.max_grad_norm, cfg.model.dtype,
-            hardware.zero3_persistence_threshold,
-        )  # fmt: skip
-    dist = Distributed.launch(hardware.distributed, hardware.device, zero)
+    dist = launch(cfg)
     device = dist.accelerator.device if dist.accelerator else torch.device(cfg.hardware.device)
-
     # 1. prompts, the actor's tokenizer, and whether prompts and responses fit the actor's context
     train_prompts, eval_prompts = load_prompts(cfg.data)
     with dist.main_first():  # rank 0 builds the tiny actor into the cache; the others then load it
@@ -134,6 +129,78 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     # Seed here, after the one step whose use of randomness depends on the cache (building the tiny
     # actor or finding it built): from now on the run is a function of its config alone.
     shuffle_generator = seed_everything(cfg.seed)
+    tokenizer, train_prompts, eval_prompts = fitted_tokenizer(
+        cfg, model_path, tokenizer_path, train_prompts, eval_prompts
+    )
+    critic_init = resolve_critic_init(cfg, tokenizer)
+    # 2. reward, then the models: actor, frozen reference, critic
+    reward = build_reward(cfg.reward, device)
+    actor, reference, critic = build_models(cfg, model_path, tokenizer, critic_init, device)
+    # With FSDP each rank keeps its shard of the trained models (before optimizers are built on them).
+    dist.shard_parameters(actor)
+    dist.shard_parameters(critic)
+    if dist.world_size > 1:
+        # Every rank built the same models from the same seed; from here each samples its own rollouts.
+        torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
+    # 3. the models as the rollout uses them, then optimizers and KL controller: the trainer
+    settings = ppo_settings(cfg)
+    rollout = Rollout(
+        actor=actor,
+        reference=reference,
+        critic=critic,
+        reward=reward,
+        tokenizer=tokenizer,
+        settings=settings,
+        dist=dist,
+        threads=ModelThreads(parallel=cfg.hardware.parallel_models, num_threads=cfg.hardware.num_threads),
+    )
+    return ppo_trainer(cfg, rollout, settings, shuffle_generator), train_prompts, eval_prompts
+
+
+def ppo_trainer(
+    cfg: DictConfig, rollout: Rollout, settings: PPOSettings, shuffle_generator: torch.Generator
+) -> PPOTrainer:
+    """The trainer of ``rollout``'s actor and critic: optimizers, LR schedulers, KL controller and
+    reward normalizer as configured."""
+    actor_optimizer, critic_optimizer = build_optimizers(cfg, rollout.actor, rollout.critic)
+    return PPOTrainer(
+        rollout=rollout,
+        reward_normalizer=RewardNormalizer(cfg.reward.normalize, cfg.reward.gain, cfg.reward.bias, cfg.reward.clip),
+        actor_optimizer=actor_optimizer,
+        critic_optimizer=critic_optimizer,
+        schedulers=make_schedulers(cfg, [opt for opt in (actor_optimizer, critic_optimizer) if opt]),
+        kl_controller=make_kl_controller(cfg.kl.controller, cfg.kl.beta, cfg.kl.target, cfg.kl.horizon),
+        settings=settings,
+        shuffle_generator=shuffle_generator,
+    )
+
+
+def launch(cfg: DictConfig) -> Distributed:
+    """The process settings (threads, malloc arenas, progress bars) and the ranks of ``hardware.distributed``."""
+    hardware = cfg.hardware
+    hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
+    if hardware.num_threads is not None:
+        torch.set_num_threads(hardware.num_threads)
+    if hardware.parallel_models:
+        limit_malloc_arenas(1)
+    zero = None
+    if hardware.distributed == "deepspeed":
+        zero = deepspeed_config(
+            hardware.zero_stage,
+            cfg.ppo.minibatch_size,
+            cfg.ppo.max_grad_norm,
+            cfg.model.dtype,
+            hardware.zero3_persistence_threshold,
+        )
+    return Distributed.launch(hardware.distributed, hardware.device, zero)
+
+
+def fitted_tokenizer(
+    cfg: DictConfig, model_path: str, tokenizer_path: str, train_prompts: list[str], eval_prompts: list[str]
+) -> tuple[PreTrainedTokenizerBase, list[str], list[str]]:
+    """(the actor's tokenizer, training prompts, held-out prompts), the prompts fitted to
+    ``data.max_prompt_length`` (per ``data.overlong``), once the actor's context is known to hold
+    prompts and responses."""
     tokenizer_key = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.add_pad_token, tokenizer_key)
     train_prompts, eval_prompts = (
@@ -143,10 +210,13 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     check_context_length(
         model_path, cfg.data.max_prompt_length, cfg.rollout.max_new_tokens, cfg.model.trust_remote_code
     )
-    critic_init = resolve_critic_init(cfg, tokenizer)
+    return tokenizer, train_prompts, eval_prompts
 
-    # 2. reward, then the models: actor, frozen reference, critic
-    reward = build_reward(cfg.reward, device)
+
+def build_models(
+    cfg: DictConfig, model_path: str, tokenizer: PreTrainedTokenizerBase, critic_init: str, device: torch.device
+) -> tuple[torch.nn.Module, torch.nn.Module, Critic]:
+    """(actor, frozen reference, critic): a LoRA actor's reference is the actor with its adapters off."""
     actor = load_actor(model_path, cfg.model.dtype, cfg.model.trust_remote_code, len(tokenizer)).to(device)
     actor.config.pad_token_id = actor.generation_config.pad_token_id = tokenizer.pad_token_id
     lora = cfg.model.lora
@@ -155,52 +225,67 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
         reference = AdapterDisabledReference(actor)
     else:
         reference = frozen_copy(actor)
-    critic_path = {"reward_model": cfg.reward.path, "path": cfg.model.critic_path}.get(critic_init)
     critic = build_critic(
-        actor, tokenizer, critic_init, cfg.model.shared_critic, critic_path, cfg.model.value_head_std,
+        actor,
+        tokenizer,
+        critic_init,
+        cfg.model.shared_critic,
+        {"reward_model": cfg.reward.path, "path": cfg.model.critic_path}.get(critic_init),
+        cfg.model.value_head_std,
         cfg.model.trust_remote_code,
-    )  # fmt: skip
+    )
     if cfg.hardware.gradient_checkpointing:
         actor.activation_checkpointing_enable()
         if critic.backbone is not trunk_of(actor):
             critic.backbone.activation_checkpointing_enable()
+    return actor, reference, critic
 
-    # With FSDP each rank keeps its shard of the trained models (before optimizers are built on them).
-    dist.shard_parameters(actor)
-    dist.shard_parameters(critic)
-    if dist.world_size > 1:
-        # Every rank built the same models from the same seed; from here each samples its own rollouts.
-        torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
 
-    # 3. optimizers and KL controller
+def build_optimizers(
+    cfg: DictConfig, actor: torch.nn.Module, critic: Critic
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+    """(actor's, critic's) optimizers; with a shared critic trunk one optimizer for the actor and the
+    value head, and None."""
+
     def trainable(*modules: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for module in modules for p in module.parameters() if p.requires_grad]
 
     if cfg.model.shared_critic:
-        params = trainable(actor, critic.value_head)
-        actor_optimizer, critic_optimizer = hydra.utils.instantiate(cfg.optimizer.actor)(params), None
-    else:
-        actor_optimizer = hydra.utils.instantiate(cfg.optimizer.actor)(trainable(actor))
-        critic_optimizer = hydra.utils.instantiate(cfg.optimizer.critic)(trainable(critic))
-    schedulers = make_schedulers(cfg, [opt for opt in (actor_optimizer, critic_optimizer) if opt])
-    kl_controller = make_kl_controller(cfg.kl.controller, cfg.kl.beta, cfg.kl.target, cfg.kl.horizon)
-    normalizer = RewardNormalizer(cfg.reward.normalize, cfg.reward.gain, cfg.reward.bias, cfg.reward.clip)
-    trainer = PPOTrainer(
-        actor,
-        reference,
-        critic,
-        reward,
-        normalizer,
-        tokenizer,
-        actor_optimizer,
-        critic_optimizer,
-        schedulers,
-        kl_controller,
-        cfg,
-        shuffle_generator,
-        dist,
+        return hydra.utils.instantiate(cfg.optimizer.actor)(trainable(actor, critic.value_head)), None
+    actor_optimizer = hydra.utils.instantiate(cfg.optimizer.actor)(trainable(actor))
+    return actor_optimizer, hydra.utils.instantiate(cfg.optimizer.critic)(trainable(critic))
+
+
+def ppo_settings(cfg: DictConfig) -> PPOSettings:
+    """The settings of the PPO iteration, read once from the config groups rollout, data, reward, kl,
+    gae, ppo and hardware."""
+    rollout, reward, gae, ppo, hardware = cfg.rollout, cfg.reward, cfg.gae, cfg.ppo, cfg.hardware
+    experience = ExperienceSettings(
+        kl_estimator=cfg.kl.estimator,
+        gamma=gae.gamma,
+        lam=gae.lam,
+        whiten_rewards=gae.whiten_rewards,
+        whiten_advantages=gae.whiten_advantages,
+        advantage_clip=gae.advantage_clip,
     )
-    return trainer, train_prompts, eval_prompts
+    return PPOSettings(
+        max_new_tokens=rollout.max_new_tokens,
+        temperature=rollout.temperature,
+        max_prompt_length=cfg.data.max_prompt_length,
+        on_nonfinite=reward.on_nonfinite,
+        missing_eos_penalty=reward.missing_eos_penalty,
+        experience=experience,
+        epochs=ppo.epochs,
+        minibatch_size=ppo.minibatch_size,
+        clip_eps=ppo.clip_eps,
+        value_clip_eps=ppo.value_clip_eps,
+        vf_coef=ppo.vf_coef,
+        entropy_coef=ppo.entropy_coef,
+        max_grad_norm=ppo.max_grad_norm,
+        max_consecutive_skips=ppo.max_consecutive_skips,
+        device=hardware.device,
+        autocast_dtype=hardware.autocast_dtype,
+    )
 
 
 def make_schedulers(
