@@ -62,14 +62,10 @@ def resolve_actor_paths(cfg: DictConfig) -> tuple[str, str]:
     # too); the task's default split when the run's prompts come from elsewhere.
     task = cfg.data if cfg.data.task == "arithmetic" else DataConfig()
     train_prompts, eval_prompts = split_prompts(task.max_operand, task.num_eval, task.seed)
+    tiny, answers = OmegaConf.to_object(cfg.model.tiny), [solve(p) for p in train_prompts]
+    progress = cfg.logging.progress_bar
     model_dir, tokenizer_dir = ensure_tiny_actor(
-        OmegaConf.to_object(cfg.model.tiny),
-        cfg.model.cache_dir,
-        train_prompts,
-        [solve(p) for p in train_prompts],
-        eval_prompts,
-        exact_match_reward,
-        progress_bar=cfg.logging.progress_bar,
+        tiny, cfg.model.cache_dir, train_prompts, answers, eval_prompts, exact_match_reward, progress_bar=progress
     )
     return str(model_dir), str(tokenizer_dir)
 
@@ -142,24 +138,22 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     if dist.world_size > 1:
         # Every rank built the same models from the same seed; from here each samples its own rollouts.
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
-    # 3. the models as the rollout uses them, then optimizers and KL controller: the trainer
-    settings = ppo_settings(cfg)
+    # 3. the models as the rollout uses them, with the settings read once from the config; then
+    # optimizers and KL controller: the trainer
     rollout = Rollout(
         actor=actor,
         reference=reference,
         critic=critic,
         reward=reward,
+        settings=ppo_settings(cfg),
         tokenizer=tokenizer,
-        settings=settings,
         dist=dist,
         threads=ModelThreads(parallel=cfg.hardware.parallel_models, num_threads=cfg.hardware.num_threads),
     )
-    return ppo_trainer(cfg, rollout, settings, shuffle_generator), train_prompts, eval_prompts
+    return ppo_trainer(cfg, rollout, shuffle_generator), train_prompts, eval_prompts
 
 
-def ppo_trainer(
-    cfg: DictConfig, rollout: Rollout, settings: PPOSettings, shuffle_generator: torch.Generator
-) -> PPOTrainer:
+def ppo_trainer(cfg: DictConfig, rollout: Rollout, shuffle_generator: torch.Generator) -> PPOTrainer:
     """The trainer of ``rollout``'s actor and critic: optimizers, LR schedulers, KL controller and
     reward normalizer as configured."""
     actor_optimizer, critic_optimizer = build_optimizers(cfg, rollout.actor, rollout.critic)
@@ -170,7 +164,7 @@ def ppo_trainer(
         critic_optimizer=critic_optimizer,
         schedulers=make_schedulers(cfg, [opt for opt in (actor_optimizer, critic_optimizer) if opt]),
         kl_controller=make_kl_controller(cfg.kl.controller, cfg.kl.beta, cfg.kl.target, cfg.kl.horizon),
-        settings=settings,
+        settings=rollout.settings,
         shuffle_generator=shuffle_generator,
     )
 
@@ -258,34 +252,25 @@ def build_optimizers(
 
 def ppo_settings(cfg: DictConfig) -> PPOSettings:
     """The settings of the PPO iteration, read once from the config groups rollout, data, reward, kl,
-    gae, ppo and hardware."""
-    rollout, reward, gae, ppo, hardware = cfg.rollout, cfg.reward, cfg.gae, cfg.ppo, cfg.hardware
+    gae, ppo and hardware (each field by its key's name)."""
     experience = ExperienceSettings(
         kl_estimator=cfg.kl.estimator,
-        gamma=gae.gamma,
-        lam=gae.lam,
-        whiten_rewards=gae.whiten_rewards,
-        whiten_advantages=gae.whiten_advantages,
-        advantage_clip=gae.advantage_clip,
+        **values_of(cfg.gae, "gamma", "lam", "whiten_rewards", "whiten_advantages", "advantage_clip"),
     )
     return PPOSettings(
-        max_new_tokens=rollout.max_new_tokens,
-        temperature=rollout.temperature,
+        **values_of(cfg.rollout, "max_new_tokens", "temperature"),
         max_prompt_length=cfg.data.max_prompt_length,
-        on_nonfinite=reward.on_nonfinite,
-        missing_eos_penalty=reward.missing_eos_penalty,
+        **values_of(cfg.reward, "on_nonfinite", "missing_eos_penalty"),
         experience=experience,
-        epochs=ppo.epochs,
-        minibatch_size=ppo.minibatch_size,
-        clip_eps=ppo.clip_eps,
-        value_clip_eps=ppo.value_clip_eps,
-        vf_coef=ppo.vf_coef,
-        entropy_coef=ppo.entropy_coef,
-        max_grad_norm=ppo.max_grad_norm,
-        max_consecutive_skips=ppo.max_consecutive_skips,
-        device=hardware.device,
-        autocast_dtype=hardware.autocast_dtype,
+        **values_of(cfg.ppo, "epochs", "minibatch_size", "clip_eps", "value_clip_eps", "vf_coef", "entropy_coef"),
+        **values_of(cfg.ppo, "max_grad_norm", "max_consecutive_skips"),
+        **values_of(cfg.hardware, "device", "autocast_dtype"),
     )
+
+
+def values_of(group: DictConfig, *keys: str) -> dict:
+    """``{key: group.<key>}`` for ``keys``: settings fields named as their config keys."""
+    return {key: group[key] for key in keys}
 
 
 def make_schedulers(

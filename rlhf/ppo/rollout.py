@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from rlhf.core.types import Samples
+from rlhf.models.critic import Critic
 from rlhf.models.generation import generate
 from rlhf.ppo.experience import compute_logprobs, compute_values
 from rlhf.ppo.settings import PPOSettings
@@ -48,7 +49,7 @@ def checked_scores(
 
 def gather_rollout(
     dist: Distributed, samples: Samples, *per_sample: torch.Tensor, pad_token_id: int
-) -> tuple[Samples, ...]:
+) -> tuple[Samples | torch.Tensor, ...]:
     """Every rank's samples and per-sample tensors ((B,) scores, (B, A) log-probs and values),
     concatenated in rank order: prompts left-padded and responses right-padded to the longest."""
     gather, num_actions = dist.gather, samples.num_actions
@@ -82,7 +83,7 @@ class Rollout:
         *,
         actor: nn.Module,
         reference: nn.Module,
-        critic: nn.Module,
+        critic: Critic,
         reward: Callable[[list[str], list[str]], torch.Tensor],
         tokenizer: PreTrainedTokenizerBase,
         settings: PPOSettings,
@@ -133,7 +134,9 @@ class Rollout:
                 self.reference, samples, temperature
             )
 
-    def forwards(self, samples: Samples, *, step: int) -> tuple[Samples, torch.Tensor, ...]:
+    def forwards(
+        self, samples: Samples, *, step: int
+    ) -> tuple[Samples, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The experience forwards of PPO iteration ``step``: (samples, (B,) raw scores, (B, A) log-probs
         of the actor and of the reference, (B, A) values), of the global batch with several ranks."""
         # the reward on the decoded text and the critic's values; the actor's and the reference's
