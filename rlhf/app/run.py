@@ -10,6 +10,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -39,6 +40,9 @@ from rlhf.runtime.rundir import locked_run_dir
 from rlhf.runtime.signals import RunInterrupted, StopSignals
 from rlhf.runtime.status import write_status
 from rlhf.runtime.tracking import NullTracker, Tracker
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +196,9 @@ def ppo_loop(
     return history
 
 
-def log_step(tracker: Tracker, result: StepResult, tokenizer, step: int, logging_cfg) -> None:
+def log_step(
+    tracker: Tracker, result: StepResult, tokenizer: PreTrainedTokenizerBase, step: int, logging_cfg: DictConfig
+) -> None:
     """The step's metrics (with the figures the loop added); every ``logging.samples_every`` steps
     (and at step 1) the samples and token-debug tables of its rollout."""
     tracker.log(result.metrics, step=step)
