@@ -198,7 +198,7 @@ def run_rlhf(
     sampler = PromptSampler(train_prompts, batch, cfg.seed)
     rows = []
     for _ in range(iterations + 1):
-        metrics = trainer.step(sampler.next_batch())
+        metrics = trainer.step(sampler.next_batch()).metrics
         rows.append({
             "step": metrics["time/step"], "generation": metrics["time/rollout"],
             "experience": metrics["time/experience"], "update": metrics["time/update"],

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlhf.app.build import build_trainer  # noqa: E402
 from rlhf.data.prompts import PromptSampler  # noqa: E402
-from rlhf.ppo.trainer import parameters_of  # noqa: E402
+from rlhf.ppo.update import parameters_of  # noqa: E402
 from tests.conftest import compose  # noqa: E402
 
 
@@ -84,15 +84,15 @@ def main() -> None:
     assert dist.world_size == world, (dist.world_size, world)
     prompts = PromptSampler(train_prompts, batch * world, cfg.seed).next_batch()
     torch.manual_seed(1234)  # the same global rollout on every rank, and in the single process
-    fixed = trainer.generate(prompts)
+    fixed = trainer.rollout.generate(prompts)
     share = len(prompts) // world
     mine = rows(fixed, dist.rank * share, (dist.rank + 1) * share)
     if world > 1:  # make sure the ranks' shapes differ: rank 0 longer responses, rank 1 longer prompts
         mine = padded(mine, left=dist.rank, right=1 - dist.rank, pad_id=trainer.tokenizer.pad_token_id)
-    trainer.generate = lambda _prompts, do_sample=True: mine
+    trainer.rollout.generate = lambda _prompts, do_sample=True: mine
     shapes = dist.gather_objects([(tuple(mine.sequences.shape), mine.num_actions)])
     initial = {name: weight.clone() for name, weight in dist.state_dict(trainer.actor).items()}
-    metrics = trainer.step(prompts)
+    metrics = trainer.step(prompts).metrics
     # the parameters this rank steps: all of them, or its shard (a DTensor's local part; DeepSpeed's
     # flat partitions, which replace the optimizer's own)
     local = sum(map(local_numel, parameters_of(trainer.actor_optimizer)))

@@ -29,10 +29,10 @@ def test_critic_from_the_reward_model_trunk_with_a_zero_head(make_cfg, reward_mo
         "model.value_head_std=0",
     ))  # fmt: skip
     assert same_weights(trainer.critic.backbone, AutoModel.from_pretrained(reward_model_dir))
-    assert trainer.critic.backbone is not trainer.reward.model.base_model
-    trainer.step(train_prompts[:8])
+    assert trainer.critic.backbone is not trainer.rollout.reward.model.base_model
+    result = trainer.step(train_prompts[:8])
     # A zero head gives V = 0 everywhere before the first update.
-    assert trainer.last_experience.old_values.abs().max().item() == 0.0
+    assert result.experience.old_values.abs().max().item() == 0.0
 
 
 def test_critic_from_a_checkpoint_path(make_cfg, reward_model_dir):

@@ -85,8 +85,9 @@ def test_training_on_prompts_from_a_file(make_cfg, tmp_path):
     )  # fmt: skip
     trainer, train_prompts, eval_prompts = build_trainer(cfg)
     assert set(train_prompts) | set(eval_prompts) == set(PROMPTS)
-    metrics = trainer.step(train_prompts[:8])
-    assert set(trainer.last_samples.prompts) <= set(PROMPTS)
+    result = trainer.step(train_prompts[:8])
+    metrics = result.metrics
+    assert set(result.samples.prompts) <= set(PROMPTS)
     assert 0.0 <= metrics["objective/scores"] <= 1.0
 
 

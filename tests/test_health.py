@@ -101,8 +101,8 @@ def test_explained_variance_pools_rollouts_where_every_answer_was_right(caplog):
 
 def test_token_debug_rows_line_up_with_the_experience(make_cfg):
     trainer, train_prompts, _ = build_trainer(make_cfg())
-    trainer.step(train_prompts[:8])
-    samples, exp = trainer.last_samples, trainer.last_experience
+    result = trainer.step(train_prompts[:8])
+    samples, exp = result.samples, result.experience
     rows = token_debug_rows(samples, exp, trainer.tokenizer, num_samples=3)
     for i in range(3):
         mine = [row for row in rows if row["sample"] == i]

@@ -23,7 +23,7 @@ def test_lora_trains_adapters_only_and_keeps_one_base_copy(make_cfg):
     before = {n: p.detach().clone() for n, p in params.items()}
     head_before = trainer.critic.value_head.weight.detach().clone()
 
-    trainer.step(train_prompts[:8])
+    result = trainer.step(train_prompts[:8])
     moved = {n for n, p in trainer.actor.named_parameters() if not torch.equal(before[n], p)}
     assert moved and moved <= adapters, "only adapter weights may change"
     assert any("lora_B" in n for n in moved)
@@ -32,16 +32,19 @@ def test_lora_trains_adapters_only_and_keeps_one_base_copy(make_cfg):
     # The reference is the untouched base model: same log-probs as a fresh load of the checkpoint.
     model_path, _ = resolve_actor_paths(cfg)
     base = load_actor(model_path, "float32").eval()
-    samples = trainer.last_samples
+    samples = result.samples
     torch.testing.assert_close(
-        compute_logprobs(trainer.reference, samples, 1.0), compute_logprobs(base, samples, 1.0), rtol=0, atol=1e-5
+        compute_logprobs(trainer.rollout.reference, samples, 1.0),
+        compute_logprobs(base, samples, 1.0),
+        rtol=0,
+        atol=1e-5,
     )
     # ...while the actor with its trained adapters now differs from it.
     assert not torch.allclose(compute_logprobs(trainer.actor, samples, 1.0), compute_logprobs(base, samples, 1.0))
 
     # One copy of the base weights across actor, reference and critic.
     storages = {}
-    for module in (trainer.actor, trainer.reference, trainer.critic):
+    for module in (trainer.actor, trainer.rollout.reference, trainer.critic):
         for p in module.parameters():
             storages[p.data_ptr()] = p.numel()
     base_numel = sum(p.numel() for p in base.parameters())

@@ -21,10 +21,11 @@ def snapshot(module):
 
 def test_masked_nonfinite_rewards_drop_their_samples(make_cfg):
     trainer, train_prompts, _ = build_trainer(make_cfg("reward.on_nonfinite=mask"))
-    trainer.reward = FunctionReward(nan_reward)
+    trainer.rollout.reward = FunctionReward(nan_reward)
     before = snapshot(trainer.actor)
-    metrics = trainer.step(train_prompts[:8])
-    exp = trainer.last_experience
+    result = trainer.step(train_prompts[:8])
+    metrics = result.metrics
+    exp = result.experience
     assert metrics["objective/nonfinite_scores"] == 1
     assert not exp.action_mask[1].any() and exp.advantages[1].abs().sum() == 0 and exp.rewards[1].abs().sum() == 0
     assert all(exp.action_mask[i].any() for i in (0, 2, 3))
@@ -44,8 +45,8 @@ def optimizer_steps(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 )
 def test_nonfinite_loss_skips_that_models_step_and_leaves_its_weights_bitwise(make_cfg, field, skipped, stepping):
     trainer, train_prompts, _ = build_trainer(make_cfg("ppo.epochs=2"))
-    trainer.step(train_prompts[:8])
-    exp = trainer.last_experience
+    result = trainer.step(train_prompts[:8])
+    exp = result.experience
     setattr(exp, field, torch.full_like(getattr(exp, field), math.nan))
     models, optimizers = {"actor": trainer.actor, "critic": trainer.critic}, trainer.optimizers()
     before = snapshot(models[skipped])
@@ -60,8 +61,8 @@ def test_nonfinite_loss_skips_that_models_step_and_leaves_its_weights_bitwise(ma
 
 def test_too_many_skips_in_a_row_stop_the_run(make_cfg):
     trainer, train_prompts, _ = build_trainer(make_cfg("ppo.epochs=2", "ppo.max_consecutive_skips=3"))
-    trainer.step(train_prompts[:8])
-    exp = trainer.last_experience
+    result = trainer.step(train_prompts[:8])
+    exp = result.experience
     exp.advantages = torch.full_like(exp.advantages, math.inf)
     with pytest.raises(
         FloatingPointError, match=r"\(actor\): 3 optimizer steps in a row were skipped .*max_consecutive_skips=3"

@@ -24,8 +24,8 @@ def test_parallel_models_train_bitwise_like_sequential(make_cfg):
         threads = 2 if parallel else 1
         cfg = make_cfg("ppo.epochs=2", f"hardware.num_threads={threads}", f"hardware.parallel_models={parallel}")
         trainer, train_prompts, _ = build_trainer(cfg)
-        assert (trainer.pool is not None) == parallel
-        metrics = [trainer.step(train_prompts[:8]), trainer.step(train_prompts[8:16])]
+        assert trainer.threads.parallel == parallel
+        metrics = [trainer.step(train_prompts[:8]).metrics, trainer.step(train_prompts[8:16]).metrics]
         runs[parallel] = metrics, weights(trainer.actor), weights(trainer.critic)
     (seq_metrics, seq_actor, seq_critic), (par_metrics, par_actor, par_critic) = runs[False], runs[True]
     assert any(not torch.equal(seq_actor[n], p) for n, p in weights(build_trainer(cfg)[0].actor).items())
@@ -41,7 +41,7 @@ def test_parallel_models_train_bitwise_like_sequential(make_cfg):
 
 def test_worker_threads_run_on_half_the_threads(make_cfg):
     trainer, _, _ = build_trainer(make_cfg("hardware.num_threads=4", "hardware.parallel_models=true"))
-    seen = trainer.in_parallel(torch.get_num_threads, torch.get_num_threads)
+    seen = trainer.threads.run(torch.get_num_threads, torch.get_num_threads)
     assert seen == (2, 2) and torch.get_num_threads() == 4
     # Both run at once: each waits at a barrier for the other (one after the other would time out).
     barrier = threading.Barrier(2, timeout=30)
@@ -50,7 +50,7 @@ def test_worker_threads_run_on_half_the_threads(make_cfg):
         barrier.wait()
         return threading.current_thread().name
 
-    names = trainer.in_parallel(meet, meet)
+    names = trainer.threads.run(meet, meet)
     assert all(name.startswith("rlhf-model") for name in names) and names[0] != names[1]
 
 
@@ -61,25 +61,25 @@ def test_a_failure_on_one_thread_stops_the_other(make_cfg):
         raise FloatingPointError("actor failed")
 
     def waits_for_cancel():
-        return trainer.cancelled.wait(timeout=30)
+        return trainer.threads.cancelled.wait(timeout=30)
 
     with pytest.raises(FloatingPointError, match="actor failed"):
-        trainer.in_parallel(fails, waits_for_cancel)
-    assert trainer.cancelled.is_set()
+        trainer.threads.run(fails, waits_for_cancel)
+    assert trainer.threads.cancelled.is_set()
     # A cancelled loop takes no more optimizer steps.
-    trainer.step(train_prompts[:8])
-    exp = trainer.last_experience
+    result = trainer.step(train_prompts[:8])
+    exp = result.experience
     before = weights(trainer.critic)
-    minibatches = [torch.arange(4), torch.arange(4, 8)]
-    trainer.cancelled.set()
-    trainer.train_minibatches("critic", trainer.value_objective, {"critic": []}, exp, minibatches)
+    (critic,) = [learner for learner in trainer.learners() if learner.name == "critic"]
+    trainer.threads.cancelled.set()
+    trainer.train_epochs(critic, exp, [torch.arange(8)])
     assert all(torch.equal(before[n], p) for n, p in trainer.critic.named_parameters())
 
 
 def test_trimmed_minibatch_gives_the_same_logprobs_and_values(make_cfg):
     trainer, train_prompts, _ = build_trainer(make_cfg())
-    trainer.step(train_prompts[:8])
-    exp, samples = trainer.last_experience, trainer.last_samples
+    result = trainer.step(train_prompts[:8])
+    exp, samples = result.experience, result.samples
     prompt_lengths = exp.attention_mask[:, : -samples.num_actions].sum(dim=1)
     longest = int(prompt_lengths.argmax())
     short = [i for i in range(len(prompt_lengths)) if i != longest and prompt_lengths[i] < prompt_lengths.max()]
@@ -95,7 +95,7 @@ def test_trimmed_minibatch_gives_the_same_logprobs_and_values(make_cfg):
         def __init__(self, e):
             self.sequences, self.attention_mask, self.num_actions = e.sequences, e.attention_mask, samples.num_actions
 
-    for model in (trainer.actor, trainer.reference):
+    for model in (trainer.actor, trainer.rollout.reference):
         full, short_ = compute_logprobs(model, Rows(mb), 1.0), compute_logprobs(model, Rows(trimmed), 1.0)
         torch.testing.assert_close(short_, full, rtol=0, atol=1e-5)
     torch.testing.assert_close(compute_values(trainer.critic, Rows(trimmed)), compute_values(trainer.critic, Rows(mb)))

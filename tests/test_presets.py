@@ -44,17 +44,17 @@ def preset_cfg(make_cfg, stand_ins, *extra):
 def test_presets_train_with_the_reward_model_reading_its_own_tokens(make_cfg, stand_ins):
     trainer, train_prompts, _ = build_trainer(preset_cfg(make_cfg, stand_ins))
     assert type(trainer.tokenizer).__name__ == "Qwen2Tokenizer"
-    assert type(trainer.reward.tokenizer).__name__ == "DebertaV2Tokenizer"
+    assert type(trainer.rollout.reward.tokenizer).__name__ == "DebertaV2Tokenizer"
     seen = []
-    trainer.reward.model.register_forward_pre_hook(
+    trainer.rollout.reward.model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True
     )
     weights = {n: p.detach().clone() for n, p in trainer.actor.named_parameters()}
-    trainer.step(train_prompts[:8])
-    samples = trainer.last_samples
+    result = trainer.step(train_prompts[:8])
+    samples = result.samples
     # The RM saw "[CLS] question [SEP] answer [SEP]" built from the decoded actor response.
-    texts = trainer.reward.tokenizer.batch_decode(torch.cat(seen), skip_special_tokens=False)
-    rm_tok = trainer.reward.tokenizer
+    texts = trainer.rollout.reward.tokenizer.batch_decode(torch.cat(seen), skip_special_tokens=False)
+    rm_tok = trainer.rollout.reward.tokenizer
     for text, prompt, response in zip(texts, samples.prompts, samples.responses, strict=True):
         expected = rm_tok.decode(rm_tok(prompt, response)["input_ids"])
         assert text.replace(rm_tok.pad_token, "").strip() == expected
@@ -75,8 +75,8 @@ def test_actor_without_pad_token_gets_one_and_trains(make_cfg, stand_ins, tmp_pa
     assert trainer.tokenizer.pad_token == "<|pad|>" and pad != trainer.tokenizer.eos_token_id
     assert trainer.actor.get_input_embeddings().num_embeddings > pad
     assert trainer.actor.config.pad_token_id == pad
-    trainer.reward.fn = lambda prompts, responses: [float(len(r)) for r in responses]
-    metrics = trainer.step(train_prompts[:8])
+    trainer.rollout.reward.fn = lambda prompts, responses: [float(len(r)) for r in responses]
+    metrics = trainer.step(train_prompts[:8]).metrics
     assert metrics["rollout/response_length"] > 0
 
 
@@ -94,14 +94,15 @@ def test_experiment_presets_run_a_step(make_cfg, experiment, reward_model_dir):
         "rollout.max_new_tokens=6", "rollout.batch_size=8",
     )  # fmt: skip
     trainer, train_prompts, _ = build_trainer(cfg)
-    metrics = trainer.step(train_prompts[:8])
+    result = trainer.step(train_prompts[:8])
+    metrics = result.metrics
     assert metrics["objective/kl_coef"] == cfg.kl.beta
     if experiment == "lm_human_preferences":
         assert trainer.critic.backbone is trainer.actor.base_model and trainer.critic_optimizer is None
     else:
         assert cfg.model.critic_init == "reward_model"
     if experiment == "ppo_max":
-        assert trainer.last_experience.advantages.abs().max() <= 0.5
+        assert result.experience.advantages.abs().max() <= 0.5
         assert trainer.actor_optimizer.param_groups[0]["betas"] == (0.9, 0.95)
 
 
@@ -112,7 +113,7 @@ def test_experiment_presets_run_with_the_seeds_reward_model(make_cfg, stand_ins,
     cfg = preset_cfg(make_cfg, stand_ins, f"experiment={experiment}")
     with caplog.at_level("WARNING", logger="rlhf.app.build"):
         trainer, train_prompts, _ = build_trainer(cfg)
-    metrics = trainer.step(train_prompts[:8])
+    metrics = trainer.step(train_prompts[:8]).metrics
     assert metrics["objective/kl_coef"] == cfg.kl.beta
     assert type(trainer.critic.backbone).__name__ == "Qwen2Model"
     notes = [r.getMessage() for r in caplog.records if "model.critic_init=reward_model" in r.getMessage()]
@@ -163,10 +164,10 @@ def test_dropout_of_the_checkpoint_is_off_in_all_four_models(make_cfg, stand_ins
     actor_dir = save_tiny_qwen(tmp_path / "qwen-dropout", attention_dropout=0.1)
     cfg = preset_cfg(make_cfg, {**stand_ins, "actor": actor_dir}, "ppo.epochs=2")
     trainer, train_prompts, _ = build_trainer(cfg)
-    metrics = trainer.step(train_prompts[:8])
+    metrics = trainer.step(train_prompts[:8]).metrics
     # The first mini-batch's forward is the rollout's: ratio 1 up to float error (it was 0.013 with dropout on).
     assert metrics["policy/ratio_dev_first"] < 1e-5
-    for model in (trainer.actor, trainer.reference, trainer.critic, trainer.reward.model):
+    for model in (trainer.actor, trainer.rollout.reference, trainer.critic, trainer.rollout.reward.model):
         for module in model.modules():
             rates = {k: v for k, v in vars(module).items() if "dropout" in k and isinstance(v, float)}
             if hasattr(module, "config"):

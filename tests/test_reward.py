@@ -38,7 +38,7 @@ def nan_for_second(prompts, responses):
 
 def test_nan_reward_fails_before_any_update(make_cfg):
     trainer, train_prompts, _ = build_trainer(make_cfg())
-    trainer.reward = FunctionReward(nan_for_second)
+    trainer.rollout.reward = FunctionReward(nan_for_second)
     before = {n: p.detach().clone() for n, p in trainer.actor.named_parameters()}
     with pytest.raises(ValueError, match=r"sample\(s\) \[1\]"):
         trainer.step(train_prompts[:8])
@@ -48,8 +48,8 @@ def test_nan_reward_fails_before_any_update(make_cfg):
 def test_missing_eos_penalty_replaces_truncated_scores(make_cfg):
     # One new token: every response is cut before it can end, except a lone EOS.
     trainer, train_prompts, _ = build_trainer(make_cfg("rollout.max_new_tokens=1", "reward.missing_eos_penalty=-1"))
-    samples = trainer.generate(train_prompts[:8])
-    scores = trainer.score(samples)
+    samples = trainer.rollout.generate(train_prompts[:8])
+    scores = trainer.rollout.score(samples, where="step 1")
     assert samples.truncated.any()
     assert (scores[samples.truncated] == -1).all()
     assert (scores[~samples.truncated] != -1).all()
@@ -77,9 +77,10 @@ def test_http_reward_errors_name_the_url(server_factory):
 def test_training_with_an_http_reward(make_cfg, server_factory):
     server = server_factory()
     trainer, train_prompts, _ = build_trainer(make_cfg("reward=http", f"reward.url={server.url}"))
-    metrics = trainer.step(train_prompts[:8])
-    assert metrics["objective/scores"] == pytest.approx(sum(len(r) for r in trainer.last_samples.responses) / 8)
-    assert server.requests[0]["prompts"] == trainer.last_samples.prompts
+    result = trainer.step(train_prompts[:8])
+    metrics = result.metrics
+    assert metrics["objective/scores"] == pytest.approx(sum(len(r) for r in result.samples.responses) / 8)
+    assert server.requests[0]["prompts"] == result.samples.prompts
 
 
 def test_running_normalizer_matches_numpy_over_all_batches():
@@ -106,7 +107,7 @@ def test_fixed_normalizer_and_clip():
 
 def test_normalized_training_rewards_keep_raw_scores_in_metrics(make_cfg):
     trainer, train_prompts, _ = build_trainer(make_cfg("reward.normalize=fixed", "reward.gain=10", "reward.bias=1"))
-    metrics = trainer.step(train_prompts[:8])
+    metrics = trainer.step(train_prompts[:8]).metrics
     raw = metrics["objective/scores"]
     assert 0.0 <= raw <= 1.0
     assert metrics["objective/scores_normalized"] == pytest.approx(10 * raw + 1)

@@ -29,17 +29,18 @@ def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> list[st
 def test_one_step_moves_actor_and_critic_not_reference_or_reward(make_cfg, reward_model_dir):
     cfg = make_cfg("reward=classifier", f"reward.path={reward_model_dir}")
     trainer, train_prompts, _ = build_trainer(cfg)
-    actor, critic, reference = snapshot(trainer.actor), snapshot(trainer.critic), snapshot(trainer.reference)
-    reward_model = snapshot(trainer.reward.model)
-    metrics = trainer.step(train_prompts[:8])
+    actor, critic, reference = snapshot(trainer.actor), snapshot(trainer.critic), snapshot(trainer.rollout.reference)
+    reward_model = snapshot(trainer.rollout.reward.model)
+    result = trainer.step(train_prompts[:8])
+    metrics = result.metrics
     assert set(changed(actor, trainer.actor)) == set(actor), "every actor tensor should move"
     assert set(changed(critic, trainer.critic)) == set(critic), "every critic tensor should move"
-    assert changed(reference, trainer.reference) == []
-    assert changed(reward_model, trainer.reward.model) == []
+    assert changed(reference, trainer.rollout.reference) == []
+    assert changed(reward_model, trainer.rollout.reward.model) == []
     # The critic has its own trunk by default.
     assert trainer.critic.backbone is not trainer.actor.base_model
     assert metrics["policy/ratio_dev_first"] < 1e-6
-    assert torch.isfinite(trainer.last_experience.scores).all()
+    assert torch.isfinite(result.experience.scores).all()
 
 
 def test_shared_critic_trains_one_trunk(make_cfg):
@@ -59,19 +60,29 @@ def test_first_minibatch_ratio_is_one_and_nothing_clips(make_cfg):
     # composition (a shuffled mini-batch): ratio must be 1 and no token clipped.
     cfg = make_cfg("rollout.batch_size=16")
     trainer, train_prompts, _ = build_trainer(cfg)
-    trainer.step(train_prompts[:16])
-    exp = trainer.last_experience
+    result = trainer.step(train_prompts[:16])
+    exp = result.experience
     mb = exp.select(torch.tensor([5, 1, 12, 3]))
     num_actions = mb.action_mask.shape[1]
     # Recompute the experience of the already-updated actor for a fresh check of the invariant.
     from rlhf.ppo.experience import compute_logprobs, compute_values, make_experience
+    from rlhf.ppo.settings import ExperienceSettings
 
-    samples = trainer.last_samples
-    logprobs, ref_logprobs = (compute_logprobs(model, samples, 1.0) for model in (trainer.actor, trainer.reference))
+    samples = result.samples
+    logprobs, ref_logprobs = (
+        compute_logprobs(model, samples, 1.0) for model in (trainer.actor, trainer.rollout.reference)
+    )
+    settings = ExperienceSettings(kl_estimator="k1", gamma=1.0, lam=0.95, whiten_rewards=False, whiten_advantages=True)
+    values = compute_values(trainer.critic, samples)
     exp = make_experience(
-        samples, exp.scores, logprobs, ref_logprobs, compute_values(trainer.critic, samples), 0.05, "k1", 1.0, 0.95,
-        False, True,
-    )  # fmt: skip
+        samples,
+        scores=exp.scores,
+        logprobs=logprobs,
+        ref_logprobs=ref_logprobs,
+        values=values,
+        kl_coef=0.05,
+        settings=settings,
+    )
     mb = exp.select(torch.tensor([5, 1, 12, 3]))
     with torch.no_grad():
         logits = action_logits(trainer.actor, mb.sequences, mb.attention_mask, num_actions, 1.0)
@@ -129,11 +140,11 @@ def test_eval_kl_is_the_summed_log_ratio_of_the_held_out_samples(make_cfg):
     torch.manual_seed(123)
     metrics = evaluate(trainer, eval_prompts[:16])
     torch.manual_seed(123)
-    samples = trainer.generate(eval_prompts[:16])
+    samples = trainer.rollout.generate(eval_prompts[:16])
     num_actions = samples.num_actions
     totals = torch.zeros(16, dtype=torch.float64)
     with torch.no_grad():
-        for model, sign in ((trainer.actor, 1.0), (trainer.reference, -1.0)):
+        for model, sign in ((trainer.actor, 1.0), (trainer.rollout.reference, -1.0)):
             logits = model(input_ids=samples.sequences, attention_mask=samples.attention_mask,
                            position_ids=(samples.attention_mask.cumsum(1) - 1).clamp(min=0)).logits  # fmt: skip
             for i in range(16):

@@ -1,4 +1,4 @@
-"""Build a run from a composed config: validate it, then prompts, tokenizer, reward, the four
+"""Build a run from a validated config: prompts, tokenizer, reward, the four
 models, optimizers, LR schedulers and KL controller, in the order that reports bad input before any
 model is loaded. ``build_trainer(cfg)`` is what ``rlhf.app.run.train`` and the tests call.
 """
@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 from rlhf.config.schema import DataConfig
 from rlhf.core.kl import make_kl_controller
 from rlhf.data.prompts import fit_prompt_lengths, load_prompts
-from rlhf.models.critic import build_critic, shares_vocabulary
+from rlhf.models.critic import Critic, build_critic, shares_vocabulary
 from rlhf.models.loading import (
     AdapterDisabledReference,
     add_lora,
@@ -32,10 +32,14 @@ from rlhf.models.loading import (
     trunk_of,
 )
 from rlhf.models.tiny import ensure_tiny_actor
+from rlhf.ppo.rollout import Rollout
+from rlhf.ppo.settings import ExperienceSettings, PPOSettings
 from rlhf.ppo.trainer import PPOTrainer
 from rlhf.rewards.normalize import RewardNormalizer
 from rlhf.rewards.scorers import build_reward
-from rlhf.runtime.distributed import LaunchSettings, launch
+from rlhf.runtime import distributed
+from rlhf.runtime.distributed import Distributed, LaunchSettings
+from rlhf.runtime.threads import ModelThreads
 from rlhf.tasks.arithmetic import exact_match_reward, solve, split_prompts
 
 log = logging.getLogger(__name__)
@@ -58,10 +62,11 @@ def resolve_actor_paths(cfg: DictConfig) -> tuple[str, str]:
     # too); the task's default split when the run's prompts come from elsewhere.
     task = cfg.data if cfg.data.task == "arithmetic" else DataConfig()
     train_prompts, eval_prompts = split_prompts(task.max_operand, task.num_eval, task.seed)
+    tiny, answers = OmegaConf.to_object(cfg.model.tiny), [solve(p) for p in train_prompts]
+    progress = cfg.logging.progress_bar
     model_dir, tokenizer_dir = ensure_tiny_actor(
-        OmegaConf.to_object(cfg.model.tiny), cfg.model.cache_dir, train_prompts, [solve(p) for p in train_prompts],
-        eval_prompts, exact_match_reward, progress_bar=cfg.logging.progress_bar,
-    )  # fmt: skip
+        tiny, cfg.model.cache_dir, train_prompts, answers, eval_prompts, exact_match_reward, progress_bar=progress
+    )
     return str(model_dir), str(tokenizer_dir)
 
 
@@ -107,6 +112,73 @@ def limit_malloc_arenas(count: int) -> bool:
     return bool(libc.mallopt(m_arena_max, count))
 
 
+def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
+    """Data, reward and models of a validated config: (trainer, train prompts, held-out prompts). The
+    order reports bad input (a missing file, an overlong prompt) before any model is loaded."""
+    dist = launch(cfg)
+    device = dist.accelerator.device if dist.accelerator else torch.device(cfg.hardware.device)
+    # 1. prompts, the actor's tokenizer, and whether prompts and responses fit the actor's context
+    train_prompts, eval_prompts = load_prompts(cfg.data)
+    with dist.main_first():  # rank 0 builds the tiny actor into the cache; the others then load it
+        model_path, tokenizer_path = resolve_actor_paths(cfg)
+    # Seed here, after the one step whose use of randomness depends on the cache (building the tiny
+    # actor or finding it built): from now on the run is a function of its config alone.
+    shuffle_generator = seed_everything(cfg.seed)
+    tokenizer, train_prompts, eval_prompts = fitted_tokenizer(
+        cfg, model_path, tokenizer_path, train_prompts, eval_prompts
+    )
+    critic_init = resolve_critic_init(cfg, tokenizer)
+    # 2. reward, then the models: actor, frozen reference, critic
+    reward = build_reward(cfg.reward, device)
+    actor, reference, critic = build_models(cfg, model_path, tokenizer, critic_init, device)
+    # With FSDP each rank keeps its shard of the trained models (before optimizers are built on them).
+    dist.shard_parameters(actor)
+    dist.shard_parameters(critic)
+    if dist.world_size > 1:
+        # Every rank built the same models from the same seed; from here each samples its own rollouts.
+        torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
+    # 3. the models as the rollout uses them, with the settings read once from the config; then
+    # optimizers and KL controller: the trainer
+    rollout = Rollout(
+        actor=actor,
+        reference=reference,
+        critic=critic,
+        reward=reward,
+        settings=ppo_settings(cfg),
+        tokenizer=tokenizer,
+        dist=dist,
+        threads=ModelThreads(parallel=cfg.hardware.parallel_models, num_threads=cfg.hardware.num_threads),
+    )
+    return ppo_trainer(cfg, rollout, shuffle_generator), train_prompts, eval_prompts
+
+
+def ppo_trainer(cfg: DictConfig, rollout: Rollout, shuffle_generator: torch.Generator) -> PPOTrainer:
+    """The trainer of ``rollout``'s actor and critic: optimizers, LR schedulers, KL controller and
+    reward normalizer as configured."""
+    actor_optimizer, critic_optimizer = build_optimizers(cfg, rollout.actor, rollout.critic)
+    return PPOTrainer(
+        rollout=rollout,
+        reward_normalizer=RewardNormalizer(cfg.reward.normalize, cfg.reward.gain, cfg.reward.bias, cfg.reward.clip),
+        actor_optimizer=actor_optimizer,
+        critic_optimizer=critic_optimizer,
+        schedulers=make_schedulers(cfg, [opt for opt in (actor_optimizer, critic_optimizer) if opt]),
+        kl_controller=make_kl_controller(cfg.kl.controller, cfg.kl.beta, cfg.kl.target, cfg.kl.horizon),
+        settings=rollout.settings,
+        shuffle_generator=shuffle_generator,
+    )
+
+
+def launch(cfg: DictConfig) -> Distributed:
+    """The process settings (threads, malloc arenas, progress bars) and the ranks of ``hardware.distributed``."""
+    hardware = cfg.hardware
+    hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
+    if hardware.num_threads is not None:
+        torch.set_num_threads(hardware.num_threads)
+    if hardware.parallel_models:
+        limit_malloc_arenas(1)
+    return distributed.launch(hardware.distributed, launch_settings(cfg))
+
+
 def launch_settings(cfg: DictConfig) -> LaunchSettings:
     """What the distributed strategy reads from the config when it launches."""
     hardware = cfg.hardware
@@ -120,23 +192,12 @@ def launch_settings(cfg: DictConfig) -> LaunchSettings:
     )
 
 
-def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
-    """Validate the config, then build data, reward and models: (trainer, train prompts, held-out prompts)."""
-    hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
-    if cfg.hardware.num_threads is not None:
-        torch.set_num_threads(cfg.hardware.num_threads)
-    if cfg.hardware.parallel_models:
-        limit_malloc_arenas(1)
-    dist = launch(cfg.hardware.distributed, launch_settings(cfg))
-    device = dist.accelerator.device if dist.accelerator else torch.device(cfg.hardware.device)
-
-    # 1. prompts, the actor's tokenizer, and whether prompts and responses fit the actor's context
-    train_prompts, eval_prompts = load_prompts(cfg.data)
-    with dist.main_first():  # rank 0 builds the tiny actor into the cache; the others then load it
-        model_path, tokenizer_path = resolve_actor_paths(cfg)
-    # Seed here, after the one step whose use of randomness depends on the cache (building the tiny
-    # actor or finding it built): from now on the run is a function of its config alone.
-    shuffle_generator = seed_everything(cfg.seed)
+def fitted_tokenizer(
+    cfg: DictConfig, model_path: str, tokenizer_path: str, train_prompts: list[str], eval_prompts: list[str]
+) -> tuple[PreTrainedTokenizerBase, list[str], list[str]]:
+    """(the actor's tokenizer, training prompts, held-out prompts), the prompts fitted to
+    ``data.max_prompt_length`` (per ``data.overlong``), once the actor's context is known to hold
+    prompts and responses."""
     tokenizer_key = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.add_pad_token, tokenizer_key)
     train_prompts, eval_prompts = (
@@ -146,10 +207,13 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     check_context_length(
         model_path, cfg.data.max_prompt_length, cfg.rollout.max_new_tokens, cfg.model.trust_remote_code
     )
-    critic_init = resolve_critic_init(cfg, tokenizer)
+    return tokenizer, train_prompts, eval_prompts
 
-    # 2. reward, then the models: actor, frozen reference, critic
-    reward = build_reward(cfg.reward, device)
+
+def build_models(
+    cfg: DictConfig, model_path: str, tokenizer: PreTrainedTokenizerBase, critic_init: str, device: torch.device
+) -> tuple[torch.nn.Module, torch.nn.Module, Critic]:
+    """(actor, frozen reference, critic): a LoRA actor's reference is the actor with its adapters off."""
     actor = load_actor(model_path, cfg.model.dtype, cfg.model.trust_remote_code, len(tokenizer)).to(device)
     actor.config.pad_token_id = actor.generation_config.pad_token_id = tokenizer.pad_token_id
     lora = cfg.model.lora
@@ -158,52 +222,58 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
         reference = AdapterDisabledReference(actor)
     else:
         reference = frozen_copy(actor)
-    critic_path = {"reward_model": cfg.reward.path, "path": cfg.model.critic_path}.get(critic_init)
     critic = build_critic(
-        actor, tokenizer, critic_init, cfg.model.shared_critic, critic_path, cfg.model.value_head_std,
+        actor,
+        tokenizer,
+        critic_init,
+        cfg.model.shared_critic,
+        {"reward_model": cfg.reward.path, "path": cfg.model.critic_path}.get(critic_init),
+        cfg.model.value_head_std,
         cfg.model.trust_remote_code,
-    )  # fmt: skip
+    )
     if cfg.hardware.gradient_checkpointing:
         actor.activation_checkpointing_enable()
         if critic.backbone is not trunk_of(actor):
             critic.backbone.activation_checkpointing_enable()
+    return actor, reference, critic
 
-    # With FSDP each rank keeps its shard of the trained models (before optimizers are built on them).
-    dist.shard_parameters(actor)
-    dist.shard_parameters(critic)
-    if dist.world_size > 1:
-        # Every rank built the same models from the same seed; from here each samples its own rollouts.
-        torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
 
-    # 3. optimizers and KL controller
+def build_optimizers(
+    cfg: DictConfig, actor: torch.nn.Module, critic: Critic
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+    """(actor's, critic's) optimizers; with a shared critic trunk one optimizer for the actor and the
+    value head, and None."""
+
     def trainable(*modules: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for module in modules for p in module.parameters() if p.requires_grad]
 
     if cfg.model.shared_critic:
-        params = trainable(actor, critic.value_head)
-        actor_optimizer, critic_optimizer = hydra.utils.instantiate(cfg.optimizer.actor)(params), None
-    else:
-        actor_optimizer = hydra.utils.instantiate(cfg.optimizer.actor)(trainable(actor))
-        critic_optimizer = hydra.utils.instantiate(cfg.optimizer.critic)(trainable(critic))
-    schedulers = make_schedulers(cfg, [opt for opt in (actor_optimizer, critic_optimizer) if opt])
-    kl_controller = make_kl_controller(cfg.kl.controller, cfg.kl.beta, cfg.kl.target, cfg.kl.horizon)
-    normalizer = RewardNormalizer(cfg.reward.normalize, cfg.reward.gain, cfg.reward.bias, cfg.reward.clip)
-    trainer = PPOTrainer(
-        actor,
-        reference,
-        critic,
-        reward,
-        normalizer,
-        tokenizer,
-        actor_optimizer,
-        critic_optimizer,
-        schedulers,
-        kl_controller,
-        cfg,
-        shuffle_generator,
-        dist,
+        return hydra.utils.instantiate(cfg.optimizer.actor)(trainable(actor, critic.value_head)), None
+    actor_optimizer = hydra.utils.instantiate(cfg.optimizer.actor)(trainable(actor))
+    return actor_optimizer, hydra.utils.instantiate(cfg.optimizer.critic)(trainable(critic))
+
+
+def ppo_settings(cfg: DictConfig) -> PPOSettings:
+    """The settings of the PPO iteration, read once from the config groups rollout, data, reward, kl,
+    gae, ppo and hardware (each field by its key's name)."""
+    experience = ExperienceSettings(
+        kl_estimator=cfg.kl.estimator,
+        **values_of(cfg.gae, "gamma", "lam", "whiten_rewards", "whiten_advantages", "advantage_clip"),
     )
-    return trainer, train_prompts, eval_prompts
+    return PPOSettings(
+        **values_of(cfg.rollout, "max_new_tokens", "temperature"),
+        max_prompt_length=cfg.data.max_prompt_length,
+        **values_of(cfg.reward, "on_nonfinite", "missing_eos_penalty"),
+        experience=experience,
+        **values_of(cfg.ppo, "epochs", "minibatch_size", "clip_eps", "value_clip_eps", "vf_coef", "entropy_coef"),
+        **values_of(cfg.ppo, "max_grad_norm", "max_consecutive_skips"),
+        **values_of(cfg.hardware, "device", "autocast_dtype"),
+    )
+
+
+def values_of(group: DictConfig, *keys: str) -> dict:
+    """``{key: group.<key>}`` for ``keys``: settings fields named as their config keys."""
+    return {key: group[key] for key in keys}
 
 
 def make_schedulers(

@@ -8,9 +8,9 @@ imported and then calls ``train_validated``. Tests call ``train(cfg)`` directly.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
@@ -22,14 +22,17 @@ from rlhf.app.state import restore_run, run_state, save_model, save_run_checkpoi
 from rlhf.config.redact import loggable_config
 from rlhf.config.validate import validate
 from rlhf.data.prompts import PromptSampler
-from rlhf.ppo.metrics import token_debug_rows
-from rlhf.ppo.trainer import PPOTrainer
+from rlhf.ppo.metrics import sample_rows, summarize, token_debug_rows
+from rlhf.ppo.trainer import PPOTrainer, StepResult
 from rlhf.runtime.checkpoint import complete_checkpoints, find_resume_checkpoint
 from rlhf.runtime.health import HealthMonitor
 from rlhf.runtime.rundir import locked_run_dir
 from rlhf.runtime.signals import RunInterrupted, StopSignals
 from rlhf.runtime.status import write_status
 from rlhf.runtime.tracking import NullTracker, Tracker, WandbSettings
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +42,17 @@ def evaluate(trainer: PPOTrainer, prompts: list[str]) -> dict[str, float]:
     reference of the sampled responses, the sum over each response's tokens of log pi - log pi_ref
     (nats per response, as ``objective/kl``), averaged over the responses. With several ranks each
     scores its share of the prompts."""
-    dist, prompts = trainer.dist, trainer.dist.shard(prompts)
-    samples = trainer.generate(prompts, do_sample=True)
-    sampled = torch.tensor(dist.gather_objects(trainer.score(samples, evaluation=True).tolist()))
+    dist, rollout, prompts = trainer.dist, trainer.rollout, trainer.dist.shard(prompts)
+    where = f"held-out evaluation after step {trainer.steps_done}"  # for the error of a non-finite score
+    samples = rollout.generate(prompts, do_sample=True)
+    sampled = torch.tensor(dist.gather_objects(rollout.score(samples, where=where).tolist()))
     was_training = trainer.actor.training
     trainer.actor.eval()  # as for the rollout's log-probs: no (LoRA) dropout
-    logprobs, ref_logprobs = trainer.policy_logprobs(samples)  # (b, A) each
+    logprobs, ref_logprobs = rollout.policy_logprobs(samples)  # (b, A) each
     trainer.actor.train(was_training)
     kl = torch.tensor(dist.gather_objects(((logprobs - ref_logprobs) * samples.action_mask).sum(dim=1).tolist()))
     greedy = torch.tensor(
-        dist.gather_objects(trainer.score(trainer.generate(prompts, do_sample=False), evaluation=True).tolist())
+        dist.gather_objects(rollout.score(rollout.generate(prompts, do_sample=False), where=where).tolist())
     )
     # Non-finite scores (kept only with reward.on_nonfinite=mask) stay out of the means.
     return {
@@ -142,7 +146,7 @@ def finish_run(
 ) -> dict[str, float]:
     """After the last step: the run's summary (W&B, status.json, the console) and its trained model."""
     seconds = time.perf_counter() - started
-    summary = summarize(history[0], history[1:], seconds, cfg.trainer.objective_kl_weight)
+    summary = summarize(history[0], history[1:], seconds=seconds, kl_weight=cfg.trainer.objective_kl_weight)
     if cfg.trainer.save_model:
         save_model(trainer, run_dir / "model")
     tracker.summary(summary)
@@ -175,7 +179,8 @@ def ppo_loop(
     bar = tqdm(range(len(history), steps + 1), desc="ppo", disable=quiet)
     for step in bar:
         # 1-5. rollout, score, experience, PPO epochs, KL controller (PPOTrainer.step)
-        metrics = trainer.step(sampler.next_batch())
+        result = trainer.step(sampler.next_batch())
+        metrics = result.metrics  # the health and evaluation figures join the step's own
         metrics.update(health(metrics, step))
         if step % cfg.trainer.eval_every == 0:
             metrics.update(evaluate(trainer, eval_prompts))
@@ -190,7 +195,7 @@ def ppo_loop(
         stop_signal = int(trainer.dist.max(stop.signum or 0))
         stopping = stop_signal > 0
         with stop.protected():
-            log_step(tracker, trainer, metrics, step, cfg.logging)
+            log_step(tracker, result, trainer.tokenizer, step, cfg.logging)
             history.append(metrics)
             if final_state or stopping or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
                 state = final_state or run_state(step, trainer, sampler, health, tracker.run.id, steps)
@@ -209,57 +214,17 @@ def show_progress(bar: tqdm, metrics: dict[str, float], *, step: int, steps: int
         log.info("step %d/%d: reward %.3f, KL %.3f, held-out reward %.3f", step, steps, *figures)
 
 
-def log_step(tracker: Tracker, trainer: PPOTrainer, metrics: dict[str, float], step: int, logging_cfg) -> None:
-    """The step's metrics; every ``logging.samples_every`` steps (and at step 1) the samples and
-    token-debug tables of its rollout."""
-    tracker.log(metrics, step=step)
+def log_step(
+    tracker: Tracker, result: StepResult, tokenizer: PreTrainedTokenizerBase, step: int, logging_cfg: DictConfig
+) -> None:
+    """The step's metrics (with the figures the loop added); every ``logging.samples_every`` steps
+    (and at step 1) the samples and token-debug tables of its rollout."""
+    tracker.log(result.metrics, step=step)
     if step % logging_cfg.samples_every == 0 or step == 1:
-        tracker.log_table("samples", step, sample_rows(trainer, logging_cfg.num_samples))
-        rows = token_debug_rows(trainer.last_samples, trainer.last_experience, trainer.tokenizer,
-                                logging_cfg.debug_samples)  # fmt: skip
-        tracker.log_table("token_debug", step, rows)
-
-
-def summarize(
-    initial: dict[str, float], history: list[dict[str, float]], seconds: float, kl_weight: float
-) -> dict[str, float]:
-    """Final figures of a run (the W&B summary and status.json), and the sweep objective:
-    final held-out reward - kl_weight * final held-out KL (``final/eval_kl``: the same prompts and
-    policy as the reward; ``final/kl`` is the last training batch's). ``history`` holds each step's
-    metrics."""
-    evals = [m for m in [initial, *history] if "eval/score" in m]
-    last = history[-1] if history else {}
-    summary = {
-        "initial/eval_score": initial["eval/score"],
-        "initial/eval_score_greedy": initial["eval/score_greedy"],
-        "final/eval_score": evals[-1]["eval/score"],
-        "final/eval_score_greedy": evals[-1]["eval/score_greedy"],
-        # nan only for a run that had finished before eval/kl was logged and is resumed without new steps
-        "final/eval_kl": evals[-1].get("eval/kl", math.nan),
-        "best/eval_score": max(m["eval/score"] for m in evals),
-        "final/kl": last.get("objective/kl", 0.0),
-        "final/scores": last.get("objective/scores", math.nan),
-        "final/value_loss": last.get("loss/value", math.nan),
-        "mean/policy_clipfrac": sum(m["policy/clipfrac"] for m in history) / max(len(history), 1),
-        "time/total": seconds,
-    }
-    summary["objective"] = summary["final/eval_score"] - kl_weight * summary["final/eval_kl"]
-    return summary
-
-
-def sample_rows(trainer: PPOTrainer, num: int) -> list[dict]:
-    """(prompt, response, score, score_normalized) of the first ``num`` samples of the last rollout:
-    the score in the reward's own units, and the training reward after ``reward.normalize``/``clip``."""
-    samples, scores, raw = trainer.last_samples, trainer.last_experience.scores, trainer.last_raw_scores
-    return [
-        {
-            "prompt": samples.prompts[i],
-            "response": samples.responses[i],
-            "score": raw[i].item(),
-            "score_normalized": scores[i].item(),
-        }
-        for i in range(min(num, len(samples.prompts)))
-    ]
+        samples, exp = result.samples, result.experience
+        rows = sample_rows(samples, raw_scores=result.raw_scores, scores=exp.scores, num=logging_cfg.num_samples)
+        tracker.log_table("samples", step, rows)
+        tracker.log_table("token_debug", step, token_debug_rows(samples, exp, tokenizer, logging_cfg.debug_samples))
 
 
 def print_summary(summary: dict[str, float], run_dir: Path) -> None:

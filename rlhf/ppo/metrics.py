@@ -1,27 +1,59 @@
-"""Metrics of one PPO iteration: scores, values, rollout statistics and token debug rows."""
+"""Metrics of PPO: one iteration's scores, values and rollout statistics, its samples and token
+debug tables, and the run's final summary."""
 
 from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from rlhf.core.masked import masked_mean, masked_var
 from rlhf.core.types import Experience, Samples
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def token_debug_rows(samples: Samples, exp: Experience, tokenizer, num_samples: int) -> list[dict]:
+
+def token_debug_rows(
+    samples: Samples, exp: Experience, tokenizer: PreTrainedTokenizerBase, num_samples: int
+) -> list[dict]:
     """One row per action token of the first ``num_samples`` samples: the view that exposes
     off-by-one and padding bugs (the score must sit on the EOS row, nothing after it)."""
     rows = []
     responses = samples.sequences[:, -samples.num_actions :]
     for i in range(min(num_samples, responses.shape[0])):
         for t in range(int(exp.action_mask[i].sum())):
-            rows.append({
-                "sample": i, "position": t, "token": tokenizer.decode([int(responses[i, t])]),
-                "logprob": exp.old_logprobs[i, t].item(), "ref_logprob": exp.ref_logprobs[i, t].item(),
-                "kl": exp.kl[i, t].item(), "value": exp.old_values[i, t].item(), "reward": exp.rewards[i, t].item(),
-                "advantage": exp.advantages[i, t].item(), "return": exp.returns[i, t].item(),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "sample": i,
+                    "position": t,
+                    "token": tokenizer.decode([int(responses[i, t])]),
+                    "logprob": exp.old_logprobs[i, t].item(),
+                    "ref_logprob": exp.ref_logprobs[i, t].item(),
+                    "kl": exp.kl[i, t].item(),
+                    "value": exp.old_values[i, t].item(),
+                    "reward": exp.rewards[i, t].item(),
+                    "advantage": exp.advantages[i, t].item(),
+                    "return": exp.returns[i, t].item(),
+                }
+            )
     return rows
+
+
+def sample_rows(samples: Samples, *, raw_scores: torch.Tensor, scores: torch.Tensor, num: int) -> list[dict]:
+    """(prompt, response, score, score_normalized) of the first ``num`` samples of a rollout: the
+    score in the reward's own units (``raw_scores``, (B,)), and the training reward after
+    ``reward.normalize``/``clip`` (``scores``, (B,))."""
+    return [
+        {
+            "prompt": samples.prompts[i],
+            "response": samples.responses[i],
+            "score": raw_scores[i].item(),
+            "score_normalized": scores[i].item(),
+        }
+        for i in range(min(num, len(samples.prompts)))
+    ]
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -84,3 +116,30 @@ def rollout_metrics(samples: Samples, exp: Experience, kl_coef: float) -> dict[s
         "rollout/response_length": samples.response_length.mean().item(),
         "rollout/eos_rate": 1.0 - samples.truncated.float().mean().item(),
     }
+
+
+def summarize(
+    initial: dict[str, float], history: list[dict[str, float]], *, seconds: float, kl_weight: float
+) -> dict[str, float]:
+    """Final figures of a run (the W&B summary and status.json), and the sweep objective:
+    final held-out reward - kl_weight * final held-out KL (``final/eval_kl``: the same prompts and
+    policy as the reward; ``final/kl`` is the last training batch's). ``initial`` holds step 0's
+    evaluation, ``history`` each later step's metrics."""
+    evals = [m for m in [initial, *history] if "eval/score" in m]
+    last = history[-1] if history else {}
+    summary = {
+        "initial/eval_score": initial["eval/score"],
+        "initial/eval_score_greedy": initial["eval/score_greedy"],
+        "final/eval_score": evals[-1]["eval/score"],
+        "final/eval_score_greedy": evals[-1]["eval/score_greedy"],
+        # nan only for a run that had finished before eval/kl was logged and is resumed without new steps
+        "final/eval_kl": evals[-1].get("eval/kl", math.nan),
+        "best/eval_score": max(m["eval/score"] for m in evals),
+        "final/kl": last.get("objective/kl", 0.0),
+        "final/scores": last.get("objective/scores", math.nan),
+        "final/value_loss": last.get("loss/value", math.nan),
+        "mean/policy_clipfrac": sum(m["policy/clipfrac"] for m in history) / max(len(history), 1),
+        "time/total": seconds,
+    }
+    summary["objective"] = summary["final/eval_score"] - kl_weight * summary["final/eval_kl"]
+    return summary

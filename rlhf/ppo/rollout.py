@@ -1,0 +1,154 @@
+"""The rollout side of a PPO step: the models' work without gradients (responses sampled from the
+actor, their scores, the critic's values, the actor's and the reference's log-probs), the global
+batch gathered from every rank, and the forwards' precision."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from rlhf.core.types import Samples
+from rlhf.models.critic import Critic
+from rlhf.models.generation import generate
+from rlhf.ppo.experience import compute_logprobs, compute_values
+from rlhf.ppo.settings import PPOSettings
+from rlhf.rewards.normalize import check_finite
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from rlhf.runtime.distributed import Distributed
+    from rlhf.runtime.threads import ModelThreads
+
+
+def autocast(*, device: str, dtype: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for forwards when ``hardware.autocast_dtype`` is not float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=getattr(torch, dtype))
+
+
+def checked_scores(
+    scores: torch.Tensor, samples: Samples, *, on_nonfinite: str, missing_eos_penalty: float | None, where: str
+) -> torch.Tensor:
+    """(B,) ``scores`` with the missing-EOS penalty replacing the score of truncated responses.
+
+    A NaN/inf score stops the run naming the samples and ``where`` (``reward.on_nonfinite=error``) or
+    is kept as it is for the caller to mask out (``mask``)."""
+    if on_nonfinite == "error":
+        check_finite(scores, where)
+    if missing_eos_penalty is not None:
+        scores = torch.where(samples.truncated.cpu(), torch.full_like(scores, missing_eos_penalty), scores)
+    return scores
+
+
+def gather_rollout(
+    dist: Distributed, samples: Samples, *per_sample: torch.Tensor, pad_token_id: int
+) -> tuple[Samples | torch.Tensor, ...]:
+    """Every rank's samples and per-sample tensors ((B,) scores, (B, A) log-probs and values),
+    concatenated in rank order: prompts left-padded and responses right-padded to the longest."""
+    gather, num_actions = dist.gather, samples.num_actions
+
+    def prompt_then_response(tensor: torch.Tensor, pad_value: int) -> torch.Tensor:
+        prompt = gather(tensor[:, :-num_actions], pad_value=pad_value, pad_first=True)
+        return torch.cat([prompt, gather(tensor[:, -num_actions:], pad_value=pad_value)], dim=1)
+
+    action_mask = gather(samples.action_mask)
+    gathered = Samples(
+        sequences=prompt_then_response(samples.sequences, pad_token_id),
+        attention_mask=prompt_then_response(samples.attention_mask, 0),
+        action_mask=action_mask,
+        num_actions=action_mask.shape[1],
+        response_length=gather(samples.response_length),
+        total_length=gather(samples.total_length),
+        truncated=gather(samples.truncated),
+        prompts=dist.gather_objects(samples.prompts),
+        responses=dist.gather_objects(samples.responses),
+    )
+    return (gathered, *(gather(tensor) for tensor in per_sample))
+
+
+class Rollout:
+    """The actor, the reference, the critic and the reward as a rollout uses them: no gradients, the
+    rollout settings, and the two halves of the experience forwards at once with
+    ``hardware.parallel_models``."""
+
+    def __init__(
+        self,
+        *,
+        actor: nn.Module,
+        reference: nn.Module,
+        critic: Critic,
+        reward: Callable[[list[str], list[str]], torch.Tensor],
+        tokenizer: PreTrainedTokenizerBase,
+        settings: PPOSettings,
+        dist: Distributed,
+        threads: ModelThreads,
+    ):
+        self.actor, self.reference, self.critic, self.reward = actor, reference, critic, reward
+        self.tokenizer, self.settings, self.dist, self.threads = tokenizer, settings, dist, threads
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(device=self.settings.device, dtype=self.settings.autocast_dtype)
+
+    def generate(self, prompts: list[str], do_sample: bool = True) -> Samples:
+        """Responses of the current actor to ``prompts`` with the rollout settings."""
+        s = self.settings
+        return generate(
+            self.actor,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            max_prompt_length=s.max_prompt_length,
+            do_sample=do_sample,
+            synced=self.dist.sharded,
+        )
+
+    def score(self, samples: Samples, *, where: str) -> torch.Tensor:
+        """(B,) scores of the reward (see ``checked_scores``); ``where`` names the step in errors."""
+        scores = self.reward(samples.prompts, samples.responses).float()
+        if self.dist.world_size > 1:  # the sample indices are those of this rank's share
+            where += f" on rank {self.dist.rank}"
+        s = self.settings
+        return checked_scores(
+            scores, samples, on_nonfinite=s.on_nonfinite, missing_eos_penalty=s.missing_eos_penalty, where=where
+        )
+
+    def score_and_values(self, samples: Samples, *, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) scores (see ``score``) and (B, A) critic values of a rollout."""
+        scores = self.score(samples, where=where)
+        with self.autocast():
+            return scores, compute_values(self.critic, samples)
+
+    def policy_logprobs(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) log-probs of the sampled tokens under the actor and under the reference."""
+        temperature = self.settings.temperature
+        with self.autocast():
+            return compute_logprobs(self.actor, samples, temperature), compute_logprobs(
+                self.reference, samples, temperature
+            )
+
+    def forwards(
+        self, samples: Samples, *, step: int
+    ) -> tuple[Samples, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The experience forwards of PPO iteration ``step``: (samples, (B,) raw scores, (B, A) log-probs
+        of the actor and of the reference, (B, A) values), of the global batch with several ranks."""
+        # the reward on the decoded text and the critic's values; the actor's and the reference's
+        # log-probs: two halves, at once with hardware.parallel_models
+        self.actor.eval()
+        self.critic.eval()
+        (raw_scores, values), (logprobs, ref_logprobs) = self.threads.run(
+            partial(self.score_and_values, samples, where=f"step {step}"), partial(self.policy_logprobs, samples)
+        )
+        if self.dist.world_size > 1:  # every rank goes on with the global batch
+            pad_token_id = self.tokenizer.pad_token_id
+            return gather_rollout(
+                self.dist, samples, raw_scores, logprobs, ref_logprobs, values, pad_token_id=pad_token_id
+            )
+        return samples, raw_scores, logprobs, ref_logprobs, values

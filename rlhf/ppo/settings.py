@@ -1,0 +1,53 @@
+"""The settings PPO reads, as small frozen dataclasses built once from the config by ``rlhf.app.build``
+(torchtune's read-once style): below the composition root nothing sees the config object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ExperienceSettings:
+    """From a rollout's forwards to advantages and returns (config groups ``kl`` and ``gae``)."""
+
+    kl_estimator: str  # per-token KL in the reward: "k1", "k2" or "k3"
+    gamma: float  # discount
+    lam: float  # GAE lambda
+    whiten_rewards: bool  # whiten the KL-shaped rewards, keeping their mean, before GAE
+    whiten_advantages: bool  # whiten the advantages after GAE
+    advantage_clip: float | None = None  # clamp the advantages to [-clip, clip] after whitening
+
+
+@dataclass(frozen=True)
+class PPOSettings:
+    """What one PPO iteration reads: rollout, reward post-processing, experience, update, precision."""
+
+    # rollout (and data.max_prompt_length, the prompts' left-padded width)
+    max_new_tokens: int
+    temperature: float
+    max_prompt_length: int
+    # reward: "error" stops at a NaN/inf score, "mask" drops the sample; truncated responses' score
+    on_nonfinite: str
+    missing_eos_penalty: float | None
+    experience: ExperienceSettings
+    # update
+    epochs: int
+    minibatch_size: int  # per rank
+    clip_eps: float
+    value_clip_eps: float | None
+    vf_coef: float
+    entropy_coef: float
+    max_grad_norm: float
+    max_consecutive_skips: int
+    # precision of the forwards: "float32" runs without autocast
+    device: str
+    autocast_dtype: str
+
+
+class KLController(Protocol):
+    """``rlhf.core.kl.FixedKLController`` or ``AdaptiveKLController``: the coefficient and its update."""
+
+    value: float
+
+    def update(self, current_kl: float, n_steps: int) -> None: ...
