@@ -112,8 +112,7 @@ def generate(
     with neutral_generation_config(actor):
         output = actor.generate(**encoded, generation_config=config, synced_gpus=synced)
     actor.train(was_training)
-    num_prompt = encoded["input_ids"].shape[1]
-    responses = output[:, num_prompt:]  # (B, A)
+    responses = output[:, encoded["input_ids"].shape[1] :]  # (B, A): what follows the P prompt positions
     action_mask = action_mask_after_eos(responses, eos_ids)
     responses = responses.masked_fill(~action_mask, tokenizer.pad_token_id)
     has_eos = (torch.isin(responses, torch.as_tensor(eos_ids, device=responses.device)) & action_mask).any(dim=1)
