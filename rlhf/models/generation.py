@@ -108,8 +108,7 @@ def generate(
     )
     was_training = actor.training
     actor.eval()
-    # (B, P + A') with A' <= max_new_tokens
-    with neutral_generation_config(actor):
+    with neutral_generation_config(actor):  # output: (B, P + A') with A' <= max_new_tokens
         output = actor.generate(**encoded, generation_config=config, synced_gpus=synced)
     actor.train(was_training)
     responses = output[:, encoded["input_ids"].shape[1] :]  # (B, A): what follows the P prompt positions
