@@ -61,7 +61,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
     One rollout's figure is ill-conditioned when its returns hardly vary (every answer right, only
     the KL penalty left): a critic right in expectation then scores far below 0. ``health/explained_var``
-    pools the two variances over several rollouts (``rlhf.health``)."""
+    pools the two variances over several rollouts (``rlhf.runtime.health``)."""
     var_returns = masked_var(returns, mask)
     return float(1.0 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8))
 
