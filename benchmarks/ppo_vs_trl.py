@@ -195,7 +195,7 @@ def run_rlhf(
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     trainer, train_prompts, _ = build_trainer(cfg)
-    sampler = PromptSampler(train_prompts, batch, cfg.seed)
+    sampler = PromptSampler(train_prompts, batch_size=batch, seed=cfg.seed)
     rows = []
     for _ in range(iterations + 1):
         metrics = trainer.step(sampler.next_batch()).metrics

@@ -89,8 +89,12 @@ def load_policy(cfg: DictConfig, weights: Path, is_checkpoint: bool):
     model_path, tokenizer_path = resolve_actor_paths(cfg) if is_checkpoint or adapters else (str(weights),) * 2
     if adapters:
         tokenizer_path = str(weights)  # saved with the adapters, the pad token the run added included
-    tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.add_pad_token)
-    actor = load_actor(model_path, cfg.model.dtype, cfg.model.trust_remote_code, len(tokenizer))
+    tokenizer = load_tokenizer(
+        tokenizer_path, trust_remote_code=cfg.model.trust_remote_code, add_pad_token=cfg.model.add_pad_token
+    )
+    actor = load_actor(
+        model_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code, vocab_size=len(tokenizer)
+    )
     actor.config.pad_token_id = actor.generation_config.pad_token_id = tokenizer.pad_token_id
     if adapters:
         from peft import PeftModel
@@ -99,7 +103,9 @@ def load_policy(cfg: DictConfig, weights: Path, is_checkpoint: bool):
     if is_checkpoint:
         lora = cfg.model.lora
         if lora.enabled:
-            actor = add_lora(actor, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+            actor = add_lora(
+                actor, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules
+            )
         actor.load_state_dict(retied(actor, load_file(str(weights / "actor.safetensors"))))
     return actor.eval(), tokenizer
 
@@ -121,7 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     if not prompts:  # the held-out prompts as training evaluated them (data.overlong applied)
         data = cfg.data
         held_out = load_prompts(data)[1]
-        prompts = fit_prompt_lengths(tokenizer, held_out, data.max_prompt_length, data.overlong, "held-out")
+        prompts = fit_prompt_lengths(
+            tokenizer, held_out, max_length=data.max_prompt_length, policy=data.overlong, name="held-out"
+        )
         prompts = prompts[: args.num]
     reward = build_reward(cfg.reward, torch.device("cpu"))
     temperature = args.temperature or cfg.rollout.temperature

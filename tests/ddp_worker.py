@@ -82,7 +82,7 @@ def main() -> None:
     trainer, train_prompts, _ = build_trainer(cfg)
     dist = trainer.dist
     assert dist.world_size == world, (dist.world_size, world)
-    prompts = PromptSampler(train_prompts, batch * world, cfg.seed).next_batch()
+    prompts = PromptSampler(train_prompts, batch_size=batch * world, seed=cfg.seed).next_batch()
     torch.manual_seed(1234)  # the same global rollout on every rank, and in the single process
     fixed = trainer.rollout.generate(prompts)
     share = len(prompts) // world

@@ -33,7 +33,7 @@ def main() -> None:
     trainer, train_prompts, _ = build_trainer(cfg)
     dist = trainer.dist
     # One step for an experience (of a 10-step schedule: the learning rate stays above 0)
-    result = trainer.step(PromptSampler(train_prompts, 4 * dist.world_size, cfg.seed).next_batch())
+    result = trainer.step(PromptSampler(train_prompts, batch_size=4 * dist.world_size, seed=cfg.seed).next_batch())
     exp = result.experience
     if dist.rank == 1:  # the policy loss of each of rank 1's mini-batches is NaN
         exp.advantages = torch.full_like(exp.advantages, math.nan)

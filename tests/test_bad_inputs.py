@@ -319,7 +319,7 @@ SCHEDULE_LENGTH_CHANGES = [
 @pytest.mark.parametrize(("saved", "resumed", "refused"), SCHEDULE_LENGTH_CHANGES)
 def test_resume_allows_a_new_schedule_length_only_while_it_follows_trainer_steps(tmp_path, saved, resumed, refused):
     config_yaml = yaml.safe_dump(loggable_config(compose(saved)), sort_keys=False)
-    save_checkpoint(tmp_path / "checkpoints", 2, {}, {}, config_yaml, keep_last=2)
+    save_checkpoint(tmp_path / "checkpoints", 2, weights={}, state={}, config_yaml=config_yaml, keep_last=2)
     cfg = compose([*resumed, "trainer.resume=true"])
     if refused is None:
         assert find_resume_checkpoint(cfg, tmp_path) is not None

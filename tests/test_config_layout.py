@@ -135,7 +135,7 @@ def test_the_core_and_the_models_act_on_the_option_names_the_validator_accepts()
 
     assert tuple(options.KLEstimator) == KL_ESTIMATORS
     for controller in options.KLControllerKind:
-        make_kl_controller(controller.value, 0.1, 1.0, 100)
+        make_kl_controller(controller.value, beta=0.1, target=1.0, horizon=100)
     assert set(DTYPES) == set(options.DType)
 
 

@@ -35,7 +35,7 @@ def test_jsonl_parquet_and_csv_give_the_same_prompts(tmp_path):
     frame.to_csv(tmp_path / "p.csv", index=False)
     cache = str(tmp_path / "cache")
     for path in (jsonl, tmp_path / "p.parquet", tmp_path / "p.csv"):
-        assert read_prompt_column(str(path), "question", "train", cache) == PROMPTS
+        assert read_prompt_column(str(path), prompt_key="question", split="train", cache_dir=cache) == PROMPTS
 
 
 def test_hold_out_or_eval_file(tmp_path):
@@ -51,29 +51,29 @@ def test_hold_out_or_eval_file(tmp_path):
 def test_wrong_column_names_the_columns(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"text": "hi"}])
     with pytest.raises(ValueError, match=r"data.prompt_key='prompt' is not a column of .*\['text'\]"):
-        read_prompt_column(str(path), "prompt", "train", str(tmp_path / "cache"))
+        read_prompt_column(str(path), prompt_key="prompt", split="train", cache_dir=str(tmp_path / "cache"))
 
 
 def test_empty_prompt_names_its_index_and_file(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1+1="}, {"prompt": "1+2="}, {"prompt": "   "}])
     with pytest.raises(ValueError, match=r"prompt 2 of .*p.jsonl.* is empty"):
-        read_prompt_column(str(path), "prompt", "train", str(tmp_path / "cache"))
+        read_prompt_column(str(path), prompt_key="prompt", split="train", cache_dir=str(tmp_path / "cache"))
 
 
 def test_unreadable_file_names_the_file(tmp_path):
     path = tmp_path / "broken.parquet"
     path.write_bytes(b"this is not parquet")
     with pytest.raises(ValueError, match=r"data.path=.*broken.parquet.* could not be read"):
-        read_prompt_column(str(path), "prompt", "train", str(tmp_path / "cache"))
+        read_prompt_column(str(path), prompt_key="prompt", split="train", cache_dir=str(tmp_path / "cache"))
 
 
 def test_overlong_prompts_error_filter_or_truncate(tokenizer):
     # Template adds <bos><|user|> ... <|assistant|>: 3 tokens; one character is one token.
     prompts = ["1+1=", "123456789+987654321=", "2+2=", "99999+1="]
     with pytest.raises(ValueError, match=r"2 training prompt\(s\) exceed data.max_prompt_length=10 .* prompt 1 \(23"):
-        fit_prompt_lengths(tokenizer, prompts, 10, "error", "training")
-    assert fit_prompt_lengths(tokenizer, prompts, 10, "filter", "training") == ["1+1=", "2+2="]
-    truncated = fit_prompt_lengths(tokenizer, prompts, 10, "truncate", "training")
+        fit_prompt_lengths(tokenizer, prompts, max_length=10, policy="error", name="training")
+    assert fit_prompt_lengths(tokenizer, prompts, max_length=10, policy="filter", name="training") == ["1+1=", "2+2="]
+    truncated = fit_prompt_lengths(tokenizer, prompts, max_length=10, policy="truncate", name="training")
     assert truncated == ["1+1=", "654321=", "2+2=", "9999+1="]  # the last 10 - 3 = 7 tokens of each are kept
 
 
@@ -100,7 +100,7 @@ def test_truncate_cuts_non_ascii_prompts_within_the_limit(tmp_path):
     prompts = ["Quelle est la différence entre l'été et l'hiver ? Réponds en français, s'il te plaît.",
                "日本の首都はどこですか？東京ですか、それとも京都ですか？", "Short?"]  # fmt: skip
     for limit in range(30, 60):
-        fitted = fit_prompt_lengths(tokenizer, prompts, limit, "truncate", "training")
+        fitted = fit_prompt_lengths(tokenizer, prompts, max_length=limit, policy="truncate", name="training")
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True) for p in fitted]  # fmt: skip
         lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
@@ -114,7 +114,7 @@ def test_max_prompt_length_below_the_template_says_so(tokenizer):
     for policy in ("error", "filter", "truncate"):
         with pytest.raises(ValueError, match=r"^data.max_prompt_length=3 leaves no room for a prompt: the chat "
                            r"template alone takes 3 tokens"):  # fmt: skip
-            fit_prompt_lengths(tokenizer, ["1+1=", "2+2="], 3, policy, "training")
+            fit_prompt_lengths(tokenizer, ["1+1=", "2+2="], max_length=3, policy=policy, name="training")
 
 
 def test_unreadable_eval_folder_names_eval_path_and_eval_split(tmp_path):

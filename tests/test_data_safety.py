@@ -124,7 +124,9 @@ def test_damaged_optimizer_state_in_every_checkpoint_stops_naming_the_file(tmp_p
     root = tmp_path / "checkpoints"
     for step in (1, 2):
         state = {"step": step, "trainer": {"optimizer": {"exp_avg": torch.zeros(400)}}}
-        save_checkpoint(root, step, {"actor": model.state_dict()}, state, config_yaml, keep_last=2)
+        save_checkpoint(
+            root, step, weights={"actor": model.state_dict()}, state=state, config_yaml=config_yaml, keep_last=2
+        )
     assert find_resume_checkpoint(cfg, tmp_path) == root / "step-00000002"
     for checkpoint in complete_checkpoints(root):
         state = torch.load(checkpoint / "state.pt", weights_only=True)
@@ -147,7 +149,15 @@ def test_every_file_of_a_deepspeed_folder_is_checked(tmp_path):
     (engines / "actor").mkdir(parents=True)
     shard = engines / "actor" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     torch.save({"exp_avg": torch.zeros(400)}, shard)
-    path = save_checkpoint(tmp_path / "checkpoints", 1, {}, {"step": 1}, "a: 1\n", 1, folders={"deepspeed": engines})
+    path = save_checkpoint(
+        tmp_path / "checkpoints",
+        1,
+        weights={},
+        state={"step": 1},
+        config_yaml="a: 1\n",
+        keep_last=1,
+        folders={"deepspeed": engines},
+    )
     manifest = json.loads((path / MANIFEST).read_text())
     assert "deepspeed/actor/zero_pp_rank_1_mp_rank_00_optim_states.pt" in manifest["sha256"]
     assert damage(path) is None

@@ -13,7 +13,7 @@ from tests.reference import gae_loop, random_case
 @pytest.mark.parametrize(("gamma", "lam"), [(1.0, 0.95), (0.99, 0.9), (1.0, 0.0), (1.0, 1.0), (0.9, 1.0), (0.5, 0.3)])
 def test_matches_python_loop_on_ragged_masks(seed, gamma, lam):
     rewards, values, mask, lengths = random_case(seed)
-    advantages, returns = compute_gae(rewards, values, mask, gamma, lam)
+    advantages, returns = compute_gae(rewards, values, mask, gamma=gamma, lam=lam)
     for row, n in enumerate(lengths):
         adv, ret = gae_loop(rewards[row, :n].tolist(), values[row, :n].tolist(), gamma, lam)
         assert advantages[row, :n].tolist() == pytest.approx(adv, abs=1e-12)
@@ -61,6 +61,6 @@ def test_garbage_in_masked_positions_does_not_leak():
     rewards, values, mask, _ = random_case(3)
     noisy_rewards = torch.where(mask, rewards, torch.full_like(rewards, 1e6))
     noisy_values = torch.where(mask, values, torch.full_like(values, -1e6))
-    a1, r1 = compute_gae(rewards, values, mask, 1.0, 0.95)
-    a2, r2 = compute_gae(noisy_rewards, noisy_values, mask, 1.0, 0.95)
+    a1, r1 = compute_gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    a2, r2 = compute_gae(noisy_rewards, noisy_values, mask, gamma=1.0, lam=0.95)
     assert torch.equal(a1, a2) and torch.equal(r1, r2)

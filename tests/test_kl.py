@@ -103,8 +103,8 @@ def test_adaptive_controller_hand_computed():
 
 
 def test_make_kl_controller_by_name():
-    assert isinstance(make_kl_controller("fixed", 0.1, None, None), FixedKLController)
-    adaptive = make_kl_controller("adaptive", 0.1, 1.0, 1000)
+    assert isinstance(make_kl_controller("fixed", beta=0.1, target=None, horizon=None), FixedKLController)
+    adaptive = make_kl_controller("adaptive", beta=0.1, target=1.0, horizon=1000)
     assert isinstance(adaptive, AdaptiveKLController) and adaptive.target == 1.0
     with pytest.raises(ValueError, match="'pid'"):
-        make_kl_controller("pid", 0.1, None, None)
+        make_kl_controller("pid", beta=0.1, target=None, horizon=None)

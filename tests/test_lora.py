@@ -31,7 +31,7 @@ def test_lora_trains_adapters_only_and_keeps_one_base_copy(make_cfg):
 
     # The reference is the untouched base model: same log-probs as a fresh load of the checkpoint.
     model_path, _ = resolve_actor_paths(cfg)
-    base = load_actor(model_path, "float32").eval()
+    base = load_actor(model_path, dtype="float32").eval()
     samples = result.samples
     torch.testing.assert_close(
         compute_logprobs(trainer.rollout.reference, samples, 1.0),

@@ -147,7 +147,7 @@ def test_checkpoint_generation_defaults_do_not_leak_into_sampling(actor, tokeniz
 
     actor.generation_config = GenerationConfig(do_sample=True, top_k=1, top_p=0.5, repetition_penalty=3.0)
     actor.save_pretrained(tmp_path)
-    loaded = load_actor(str(tmp_path), "float32")
+    loaded = load_actor(str(tmp_path), dtype="float32")
     assert loaded.generation_config.top_k == 1
     torch.manual_seed(0)
     samples = generate(loaded, tokenizer, ["1+2="] * 16, max_new_tokens=6, temperature=1.0, max_prompt_length=32)

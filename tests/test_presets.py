@@ -188,7 +188,7 @@ def test_every_eos_of_the_generation_config_ends_a_response(tmp_path):
     path = save_tiny_qwen(tmp_path / "qwen", generation=QWEN_GENERATION, uniform=True)
     ids = qwen_token_ids(path)
     tokenizer = load_tokenizer(str(path))
-    actor = load_actor(str(path), "float32")
+    actor = load_actor(str(path), dtype="float32")
     torch.manual_seed(0)
     samples = generate(actor, tokenizer, ["Say hi."] * 64, max_new_tokens=24, temperature=1.0, max_prompt_length=32)
     responses = samples.sequences[:, -samples.num_actions :]

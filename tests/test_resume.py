@@ -128,7 +128,9 @@ def test_a_second_signal_while_writing_waits_for_the_write(tmp_path):
         assert stop.requested and stop.signum == signal.SIGTERM
         with stop.protected():
             os.kill(os.getpid(), signal.SIGTERM)
-            path = save_checkpoint(tmp_path, 1, {"m": model.state_dict()}, {"step": 1}, "a: 1\n", keep_last=1)
+            path = save_checkpoint(
+                tmp_path, 1, weights={"m": model.state_dict()}, state={"step": 1}, config_yaml="a: 1\n", keep_last=1
+            )
         with pytest.raises(KeyboardInterrupt, match="SIGTERM received twice"):
             os.kill(os.getpid(), signal.SIGTERM)
     assert complete_checkpoints(tmp_path) == [path]
@@ -145,7 +147,8 @@ SAVER = textwrap.dedent("""
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(step)
-        save_checkpoint(Path(sys.argv[1]), step, {"m": model.state_dict()}, {"step": step}, "a: 1", keep_last=1)
+        weights, state = {"m": model.state_dict()}, {"step": step}
+        save_checkpoint(Path(sys.argv[1]), step, weights=weights, state=state, config_yaml="a: 1", keep_last=1)
         print(step, flush=True)
 """)
 
@@ -183,7 +186,9 @@ def test_a_crash_at_any_operation_of_a_save_leaves_a_complete_checkpoint(tmp_pat
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(step)
-        return save_checkpoint(root, step, {"m": model.state_dict()}, {"step": step}, "a: 1", keep_last=2)
+        return save_checkpoint(
+            root, step, weights={"m": model.state_dict()}, state={"step": step}, config_yaml="a: 1", keep_last=2
+        )
 
     operations = [(rlhf.runtime.checkpoint, "save_file"), (torch, "save"), (Path, "write_text"), (Path, "mkdir"),
                   (os, "fsync"), (Path, "rename"), (shutil, "rmtree")]  # fmt: skip
@@ -272,7 +277,9 @@ def test_checkpoints_are_atomic_and_rotated(tmp_path):
     root = tmp_path / "checkpoints"
     model = torch.nn.Linear(2, 2)
     for step in (1, 2, 3):
-        save_checkpoint(root, step, {"m": model.state_dict()}, {"step": step}, "a: 1\n", keep_last=2)
+        save_checkpoint(
+            root, step, weights={"m": model.state_dict()}, state={"step": step}, config_yaml="a: 1\n", keep_last=2
+        )
     assert [p.name for p in complete_checkpoints(root)] == ["step-00000002", "step-00000003"]
     # A save that died before its manifest was written is not a checkpoint, and the last complete one stays.
     broken = root / ".staging-step-00000004"
@@ -299,7 +306,7 @@ def test_a_tied_parameter_is_stored_once_and_loads_under_each_of_its_names(tmp_p
     assert tied_names(model) == [["embed.weight", "head.weight"]]
     weights = untied(model, model.state_dict())
     assert list(weights) == ["embed.weight"]
-    save_checkpoint(tmp_path, 1, {"m": weights}, {"step": 1}, "a: 1\n", keep_last=1)
+    save_checkpoint(tmp_path, 1, weights={"m": weights}, state={"step": 1}, config_yaml="a: 1\n", keep_last=1)
     loaded, _ = load_checkpoint(tmp_path / "step-00000001", ["m"])
     other.load_state_dict(retied(other, loaded["m"]))  # strict: every name is there
     assert torch.equal(other.head.weight, model.embed.weight) and other.head.weight is other.embed.weight

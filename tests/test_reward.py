@@ -149,7 +149,7 @@ def test_chat_input_format_renders_the_reward_tokenizers_template(tmp_path):
 
     chat_tokenizer = AutoTokenizer.from_pretrained(save_tiny_qwen(tmp_path / "qwen"))
     path = save_qwen_reward_model(tmp_path / "rm", chat_tokenizer, chat_tokenizer.pad_token_id)
-    reward = ClassifierReward(str(path), 64, 8, torch.device("cpu"), input_format="chat")
+    reward = ClassifierReward(str(path), max_length=64, batch_size=8, device=torch.device("cpu"), input_format="chat")
     seen = []
     reward.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"]), with_kwargs=True)
     prompts, responses = ["What is 2+3?", "Say hi."], ["5", "Hi there!"]
@@ -160,7 +160,7 @@ def test_chat_input_format_renders_the_reward_tokenizers_template(tmp_path):
         text = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n{response}<|im_end|>\n"
         assert ids[mask.bool()].tolist() == chat_tokenizer(text, add_special_tokens=False)["input_ids"]
     # The pair format (the default) reads the same texts as a text pair instead.
-    pair = ClassifierReward(str(path), 64, 8, torch.device("cpu"))
+    pair = ClassifierReward(str(path), max_length=64, batch_size=8, device=torch.device("cpu"))
     assert pair.encode(prompts, responses)["input_ids"][0].tolist() != seen[0][0].tolist()
 
 

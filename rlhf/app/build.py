@@ -61,7 +61,7 @@ def resolve_actor_paths(cfg: DictConfig) -> tuple[str, str]:
     # The run's own split when it trains on the task (its held-out prompts stay unseen in the warm-up
     # too); the task's default split when the run's prompts come from elsewhere.
     task = cfg.data if cfg.data.task == "arithmetic" else DataConfig()
-    train_prompts, eval_prompts = split_prompts(task.max_operand, task.num_eval, task.seed)
+    train_prompts, eval_prompts = split_prompts(max_operand=task.max_operand, num_eval=task.num_eval, seed=task.seed)
     tiny, answers = OmegaConf.to_object(cfg.model.tiny), [solve(p) for p in train_prompts]
     progress = cfg.logging.progress_bar
     model_dir, tokenizer_dir = ensure_tiny_actor(
@@ -125,7 +125,11 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     # actor or finding it built): from now on the run is a function of its config alone.
     shuffle_generator = seed_everything(cfg.seed)
     tokenizer, train_prompts, eval_prompts = fitted_tokenizer(
-        cfg, model_path, tokenizer_path, train_prompts, eval_prompts
+        cfg,
+        model_path=model_path,
+        tokenizer_path=tokenizer_path,
+        train_prompts=train_prompts,
+        eval_prompts=eval_prompts,
     )
     critic_init = resolve_critic_init(cfg, tokenizer)
     # 2. reward, then the models: actor, frozen reference, critic
@@ -158,11 +162,15 @@ def ppo_trainer(cfg: DictConfig, rollout: Rollout, shuffle_generator: torch.Gene
     actor_optimizer, critic_optimizer = build_optimizers(cfg, rollout.actor, rollout.critic)
     return PPOTrainer(
         rollout=rollout,
-        reward_normalizer=RewardNormalizer(cfg.reward.normalize, cfg.reward.gain, cfg.reward.bias, cfg.reward.clip),
+        reward_normalizer=RewardNormalizer(
+            cfg.reward.normalize, gain=cfg.reward.gain, bias=cfg.reward.bias, clip=cfg.reward.clip
+        ),
         actor_optimizer=actor_optimizer,
         critic_optimizer=critic_optimizer,
         schedulers=make_schedulers(cfg, [opt for opt in (actor_optimizer, critic_optimizer) if opt]),
-        kl_controller=make_kl_controller(cfg.kl.controller, cfg.kl.beta, cfg.kl.target, cfg.kl.horizon),
+        kl_controller=make_kl_controller(
+            cfg.kl.controller, beta=cfg.kl.beta, target=cfg.kl.target, horizon=cfg.kl.horizon
+        ),
         settings=rollout.settings,
         shuffle_generator=shuffle_generator,
     )
@@ -193,19 +201,29 @@ def launch_settings(cfg: DictConfig) -> LaunchSettings:
 
 
 def fitted_tokenizer(
-    cfg: DictConfig, model_path: str, tokenizer_path: str, train_prompts: list[str], eval_prompts: list[str]
+    cfg: DictConfig, *, model_path: str, tokenizer_path: str, train_prompts: list[str], eval_prompts: list[str]
 ) -> tuple[PreTrainedTokenizerBase, list[str], list[str]]:
     """(the actor's tokenizer, training prompts, held-out prompts), the prompts fitted to
     ``data.max_prompt_length`` (per ``data.overlong``), once the actor's context is known to hold
     prompts and responses."""
     tokenizer_key = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
-    tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.add_pad_token, tokenizer_key)
+    tokenizer = load_tokenizer(
+        tokenizer_path,
+        trust_remote_code=cfg.model.trust_remote_code,
+        add_pad_token=cfg.model.add_pad_token,
+        key=tokenizer_key,
+    )
     train_prompts, eval_prompts = (
-        fit_prompt_lengths(tokenizer, prompts, cfg.data.max_prompt_length, cfg.data.overlong, name)
+        fit_prompt_lengths(
+            tokenizer, prompts, max_length=cfg.data.max_prompt_length, policy=cfg.data.overlong, name=name
+        )
         for prompts, name in ((train_prompts, "training"), (eval_prompts, "held-out"))
     )
     check_context_length(
-        model_path, cfg.data.max_prompt_length, cfg.rollout.max_new_tokens, cfg.model.trust_remote_code
+        model_path,
+        max_prompt_length=cfg.data.max_prompt_length,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        trust_remote_code=cfg.model.trust_remote_code,
     )
     return tokenizer, train_prompts, eval_prompts
 
@@ -214,11 +232,13 @@ def build_models(
     cfg: DictConfig, model_path: str, tokenizer: PreTrainedTokenizerBase, critic_init: str, device: torch.device
 ) -> tuple[torch.nn.Module, torch.nn.Module, Critic]:
     """(actor, frozen reference, critic): a LoRA actor's reference is the actor with its adapters off."""
-    actor = load_actor(model_path, cfg.model.dtype, cfg.model.trust_remote_code, len(tokenizer)).to(device)
+    actor = load_actor(
+        model_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code, vocab_size=len(tokenizer)
+    ).to(device)
     actor.config.pad_token_id = actor.generation_config.pad_token_id = tokenizer.pad_token_id
     lora = cfg.model.lora
     if lora.enabled:
-        actor = add_lora(actor, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+        actor = add_lora(actor, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
         reference = AdapterDisabledReference(actor)
     else:
         reference = frozen_copy(actor)

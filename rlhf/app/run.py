@@ -83,7 +83,7 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, float]:
     trainer, train_prompts, eval_prompts = build_trainer(cfg)
     dist = trainer.dist
     # Every rank draws the same global batch of rollout.batch_size prompts per rank, and samples its share.
-    sampler = PromptSampler(train_prompts, cfg.rollout.batch_size * dist.world_size, cfg.seed)
+    sampler = PromptSampler(train_prompts, batch_size=cfg.rollout.batch_size * dist.world_size, seed=cfg.seed)
     health = HealthMonitor()
     run_id, last_step = None, None
     if resume_from is not None:

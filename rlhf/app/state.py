@@ -99,7 +99,13 @@ def save_run_checkpoint(cfg: DictConfig, trainer: PPOTrainer, *, step: int, stat
     engines = save_engines(trainer, root / f".engines-{checkpoint.name}")
     if trainer.dist.is_main:
         checkpoint = save_checkpoint(
-            root, step, weights, state, config_yaml, keep_last=cfg.trainer.keep_last, folders=engines
+            root,
+            step,
+            weights=weights,
+            state=state,
+            config_yaml=config_yaml,
+            keep_last=cfg.trainer.keep_last,
+            folders=engines,
         )
     return checkpoint
 

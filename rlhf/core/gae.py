@@ -13,6 +13,7 @@ def compute_gae(
     rewards: torch.Tensor,
     values: torch.Tensor,
     action_mask: torch.Tensor,
+    *,
     gamma: float,
     lam: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:

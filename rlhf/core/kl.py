@@ -69,7 +69,7 @@ class AdaptiveKLController:
     (Ziegler et al. 2019, section 2.2).
     """
 
-    def __init__(self, beta: float, target: float, horizon: int):
+    def __init__(self, *, beta: float, target: float, horizon: int) -> None:
         self.value = beta
         self.target = target
         self.horizon = horizon
@@ -80,10 +80,12 @@ class AdaptiveKLController:
         self.value *= 1.0 + error * n_steps / self.horizon
 
 
-def make_kl_controller(controller: str, beta: float, target: float | None, horizon: int | None):
+def make_kl_controller(
+    controller: str, *, beta: float, target: float | None, horizon: int | None
+) -> FixedKLController | AdaptiveKLController:
     """``FixedKLController`` or ``AdaptiveKLController`` by name (config group ``kl``)."""
     if controller == "fixed":
         return FixedKLController(beta)
     if controller == "adaptive":
-        return AdaptiveKLController(beta, target, horizon)
+        return AdaptiveKLController(beta=beta, target=target, horizon=horizon)
     raise ValueError(f"unknown KL controller {controller!r}: expected 'fixed' or 'adaptive'")

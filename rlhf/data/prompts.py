@@ -19,7 +19,7 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
 
 
 def read_prompt_column(
-    path: str, prompt_key: str, split: str, cache_dir: str | None = None, key: str = "data.path"
+    path: str, *, prompt_key: str, split: str, cache_dir: str | None = None, key: str = "data.path"
 ) -> list[str]:
     """The ``prompt_key`` column of a local file/folder (JSONL, JSON, Parquet, CSV) or hub dataset;
     errors name ``key`` (``data.path`` or ``data.eval_path``) and the split key that goes with it."""
@@ -61,13 +61,17 @@ def local_prompt_files(data) -> bool:
 def load_prompts(data) -> tuple[list[str], list[str]]:
     """(train prompts, held-out prompts) as the ``data`` config says; ``InputError`` names what is wrong."""
     if data.task == "arithmetic":
-        return arithmetic.split_prompts(data.max_operand, data.num_eval, data.seed)
+        return arithmetic.split_prompts(max_operand=data.max_operand, num_eval=data.num_eval, seed=data.seed)
     if data.task != "dataset":
         raise ValueError(f"data.task={data.task!r}: expected 'arithmetic' or 'dataset'")
-    prompts = read_prompt_column(data.path, data.prompt_key, data.split, data.cache_dir)
+    prompts = read_prompt_column(data.path, prompt_key=data.prompt_key, split=data.split, cache_dir=data.cache_dir)
     if data.eval_path:
         return prompts, read_prompt_column(
-            data.eval_path, data.prompt_key, data.eval_split, data.cache_dir, key="data.eval_path"
+            data.eval_path,
+            prompt_key=data.prompt_key,
+            split=data.eval_split,
+            cache_dir=data.cache_dir,
+            key="data.eval_path",
         )
     if not 0 < data.num_eval < len(prompts):
         raise InputError(
@@ -87,7 +91,7 @@ def templated_lengths(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) ->
 
 
 def fit_prompt_lengths(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int, policy: str, name: str
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, max_length: int, policy: str, name: str
 ) -> list[str]:
     """Prompts whose chat-templated length fits ``max_length``: ``error`` (default) lists the
     overlong ones, ``filter`` drops them, ``truncate`` keeps the end of each (the question)."""
@@ -115,11 +119,11 @@ def fit_prompt_lengths(
         return kept
     fitted = list(prompts)
     for i in overlong:
-        fitted[i] = keep_end(tokenizer, prompts[i], max_length, room=max_length - template_length)
+        fitted[i] = keep_end(tokenizer, prompts[i], max_length=max_length, room=max_length - template_length)
     return fitted
 
 
-def keep_end(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int, room: int) -> str:
+def keep_end(tokenizer: PreTrainedTokenizerBase, prompt: str, *, max_length: int, room: int) -> str:
     """The longest end of ``prompt`` (at most ``room`` of its tokens) whose chat-templated length is
     within ``max_length``.
 
@@ -137,7 +141,7 @@ def keep_end(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int, r
 class PromptSampler:
     """Endless shuffled passes over the training prompts, one batch at a time."""
 
-    def __init__(self, prompts: list[str], batch_size: int, seed: int):
+    def __init__(self, prompts: list[str], *, batch_size: int, seed: int) -> None:
         self.prompts = list(prompts)
         self.batch_size = batch_size
         self.rng = random.Random(seed)

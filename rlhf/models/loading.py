@@ -47,7 +47,7 @@ PAD_TOKEN = "<|pad|>"
 
 
 def load_tokenizer(
-    path: str, trust_remote_code: bool = False, add_pad_token: bool = True, key: str = "model.tokenizer_path"
+    path: str, *, trust_remote_code: bool = False, add_pad_token: bool = True, key: str = "model.tokenizer_path"
 ) -> PreTrainedTokenizerBase:
     """The actor's tokenizer, left-padding for generation.
 
@@ -69,7 +69,7 @@ def load_tokenizer(
     return tokenizer
 
 
-def check_context_length(path: str, max_prompt_length: int, max_new_tokens: int, trust_remote_code: bool) -> None:
+def check_context_length(path: str, *, max_prompt_length: int, max_new_tokens: int, trust_remote_code: bool) -> None:
     """Prompt plus response must fit the model's positions (read from its config, not its weights)."""
     with loading("model.path", path):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -113,7 +113,7 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def load_actor(
-    path: str, dtype: str, trust_remote_code: bool = False, vocab_size: int | None = None
+    path: str, *, dtype: str, trust_remote_code: bool = False, vocab_size: int | None = None
 ) -> PreTrainedModel:
     """A causal LM from a hub id or local folder (safetensors preferred), dropout off, its input
     embeddings grown to ``vocab_size`` when the tokenizer gained a token (a new pad)."""
@@ -137,7 +137,7 @@ def load_actor(
     return model
 
 
-def add_lora(model: PreTrainedModel, r: int, alpha: float, dropout: float, target_modules: list[str]) -> nn.Module:
+def add_lora(model: PreTrainedModel, *, r: int, alpha: float, dropout: float, target_modules: list[str]) -> nn.Module:
     """The model with LoRA adapters (peft); only adapter weights require grad."""
     from peft import LoraConfig, get_peft_model
 

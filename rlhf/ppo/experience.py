@@ -66,7 +66,7 @@ def make_experience(
     rewards = shape_rewards(scores.to(kl.device), kl, kl_coef, mask)
     if settings.whiten_rewards:
         rewards = masked_whiten(rewards, mask, keep_mean=True)
-    advantages, returns = compute_gae(rewards, old_values, mask, settings.gamma, settings.lam)
+    advantages, returns = compute_gae(rewards, old_values, mask, gamma=settings.gamma, lam=settings.lam)
     if settings.whiten_advantages:
         advantages = masked_whiten(advantages, mask)
     if settings.advantage_clip is not None:

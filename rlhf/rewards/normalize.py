@@ -12,7 +12,7 @@ class RewardNormalizer:
     over every score seen so far including this batch), ``fixed`` (gain * score + bias) or ``none``;
     then clip to [-clip, clip] when ``clip`` is set. Held-out evaluation always reports raw scores."""
 
-    def __init__(self, kind: str, gain: float = 1.0, bias: float = 0.0, clip: float | None = None):
+    def __init__(self, kind: str, *, gain: float = 1.0, bias: float = 0.0, clip: float | None = None) -> None:
         self.kind, self.gain, self.bias, self.clip = kind, gain, bias, clip
         self.count, self.mean, self.m2 = 0, 0.0, 0.0  # running moments (Chan et al. parallel update)
 

@@ -44,12 +44,13 @@ class ClassifierReward:
     def __init__(
         self,
         path: str,
+        *,
         max_length: int,
         batch_size: int,
         device: torch.device,
         dtype: str = "float32",
         input_format: str = "pair",
-    ):
+    ) -> None:
         with loading("reward.path", path):
             self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
         # Checked before the model loads (a tokenizer is cheap, a reward model is not).
@@ -102,7 +103,9 @@ class HTTPReward:
     ``{"scores": [...]}`` with one number per response, and ``headers`` go with every request (an
     ``Authorization`` token). Failed requests are retried."""
 
-    def __init__(self, url: str, timeout: float, retries: int, batch_size: int, headers: dict[str, str] | None = None):
+    def __init__(
+        self, url: str, *, timeout: float, retries: int, batch_size: int, headers: dict[str, str] | None = None
+    ) -> None:
         self.url, self.timeout, self.retries, self.batch_size = url, timeout, retries, batch_size
         self.headers = {"Content-Type": "application/json", **(headers or {})}
 
@@ -156,8 +159,19 @@ def build_reward(reward, device: torch.device) -> FunctionReward | ClassifierRew
         return FunctionReward(hydra.utils.instantiate(reward.fn))
     if reward.kind == "model":
         return ClassifierReward(
-            reward.path, reward.max_length, reward.batch_size, device, reward.dtype, reward.input_format
+            reward.path,
+            max_length=reward.max_length,
+            batch_size=reward.batch_size,
+            device=device,
+            dtype=reward.dtype,
+            input_format=reward.input_format,
         )
     if reward.kind == "http":
-        return HTTPReward(reward.url, reward.timeout, reward.retries, reward.batch_size, dict(reward.headers))
+        return HTTPReward(
+            reward.url,
+            timeout=reward.timeout,
+            retries=reward.retries,
+            batch_size=reward.batch_size,
+            headers=dict(reward.headers),
+        )
     raise ValueError(f"reward.kind={reward.kind!r}: expected 'function', 'model' or 'http'")

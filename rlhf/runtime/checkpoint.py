@@ -112,6 +112,7 @@ def retied(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torc
 def save_checkpoint(
     root: Path,
     step: int,
+    *,
     weights: dict[str, dict[str, torch.Tensor]],
     state: dict[str, Any],
     config_yaml: str,

@@ -17,7 +17,7 @@ def make_prompts(max_operand: int) -> list[str]:
     return [f"{a}+{b}=" for a in range(max_operand + 1) for b in range(max_operand + 1)]
 
 
-def split_prompts(max_operand: int, num_eval: int, seed: int) -> tuple[list[str], list[str]]:
+def split_prompts(*, max_operand: int, num_eval: int, seed: int) -> tuple[list[str], list[str]]:
     """Shuffle all prompts with ``seed`` and hold out ``num_eval`` of them: (train, eval)."""
     prompts = make_prompts(max_operand)
     random.Random(seed).shuffle(prompts)
