@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from rlhf.config.errors import ConfigError
 from rlhf.config.redact import loggable_config
 from rlhf.config.validate import validate
-from tests.conftest import CONF_DIR, REPO, compose
+from tests.helpers import CONF_DIR, REPO, compose
 
 GROUPS = ["model", "reward", "kl", "gae", "optimizer", "hardware", "data", "experiment", "sweep"]
 # Options that need a value only the user can give.
