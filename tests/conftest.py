@@ -1,5 +1,6 @@
-"""Shared fixtures: offline, single-threaded, a composed config for any overrides, and the tiny models,
-runs and servers several test modules use. Plain functions and constants are in tests/helpers.py."""
+"""Shared fixtures: a composed config for any overrides, and the tiny models, runs and servers several
+test modules use. Fixtures only: plain functions and constants are in tests/helpers.py, which test
+modules and workers import directly."""
 
 from __future__ import annotations
 
@@ -12,16 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-# Re-exported for modules that still import them from here: tests/test_configs.py, test_distributed.py, and
-# the torchrun workers ddp_worker.py and skip_worker.py, which also want the settings below (one thread,
-# offline); new code imports them from tests.helpers.
-from tests.helpers import CLI_RUN_OVERRIDES, CONF_DIR, FAST, REPO, compose, wandb_inspect  # noqa: F401
+from tests.helpers import CLI_RUN_OVERRIDES, FAST, REPO, compose, set_test_environment
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(1)
+set_test_environment()  # offline, one thread: before any test module is imported
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
-"""Plain functions and constants shared by test modules (fixtures live in tests/conftest.py).
+"""Plain functions and constants shared by test modules and the torchrun workers (fixtures live in
+tests/conftest.py, which holds nothing else).
 
-Test modules import from here, never from each other: a test module is collected once, and its
-fixtures and globals are not an interface.
+Test modules import from here, never from each other nor from conftest.py: a test module is collected
+once, and its fixtures and globals are not an interface.
 """
 
 from __future__ import annotations
@@ -15,6 +16,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
+
+
+def set_test_environment() -> None:
+    """Offline, quiet and one torch thread: called by tests/conftest.py for the pytest process and by the
+    torchrun workers (tests/ddp_worker.py, skip_worker.py) for theirs, where conftest.py is not loaded."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import torch  # here, not at the top: config-only tests import this module without torch
+
+    torch.set_num_threads(1)
 
 
 def compose(overrides: list[str]):

@@ -19,7 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rlhf.app.build import build_trainer  # noqa: E402
 from rlhf.app.state import trained_models  # noqa: E402
 from rlhf.data.prompts import PromptSampler  # noqa: E402
-from tests.conftest import compose  # noqa: E402
+from tests.helpers import compose, set_test_environment  # noqa: E402
+
+set_test_environment()  # offline, one thread, as in the pytest process (pytest and its conftest.py are not here)
 
 
 def main() -> None:

@@ -56,6 +56,7 @@ def dataset(files, name, *extra):
 # ``build_trainer`` in this process with every model load refused: validation and the file and model
 # checks, which must all come before a model is loaded.
 CLI, BUILD = "cli", "build"
+SCHEMA = "the schema is rlhf.config.schema.TrainConfig"  # named by every unknown-key refusal
 
 # (overrides, what the error must say, how it is run). A bad override is tested here and nowhere else;
 # bad prompt files that need their own set-up are in tests/test_input_errors.py (an empty prompt refused
@@ -67,20 +68,23 @@ CASES = [
     (["gae.lam=high"], "gae.lam", CLI),
     (["ppo.epochs=1.5"], "ppo.epochs", CLI),
     (["rollout.batch_size=many"], "rollout.batch_size", CLI),
-    # unknown keys, with or without the + or ++ that Hydra's own error hint suggests: refused before Hydra
-    (["kl.betta=1"], "kl.betta=1 is not allowed: unknown key", CLI),
+    # unknown keys, with or without the + or ++ that Hydra's own error hint suggests, and misspelt options:
+    # refused before Hydra with a did-you-mean (Hydra itself answers `kl.betta=1` with "use +kl.betta=1")
+    (["kl.betta=1"], "kl.betta=1 is not allowed: unknown key (" + SCHEMA + "); did you mean kl.beta?", CLI),
+    (["+kl.betta=0.5"], "kl.betta=0.5 is not allowed: unknown key (" + SCHEMA + "); did you mean kl.beta?", CLI),
+    (["++kl.betta=0.5"], "kl.betta=0.5 is not allowed: unknown key (" + SCHEMA + "); did you mean kl.beta?", CLI),
+    (["+ppo.clip=0.1"], "ppo.clip=0.1 is not allowed: unknown key (" + SCHEMA + "); did you mean ppo.clip_eps?", CLI),
+    (["+kl.clip_eps=0.1"], "(" + SCHEMA + "); did you mean ppo.clip_eps?", CLI),  # a key of another group
+    (["+model.tiny.layers=4"], "model.tiny.layers=4 is not allowed: unknown key", CLI),
+    (["+sead=1"], "sead=1 is not allowed: unknown key (" + SCHEMA + "); did you mean seed?", CLI),
     (
-        ["+kl.betta=0.5"],
-        "kl.betta=0.5 is not allowed: unknown key (the schema is rlhf.config.schema.TrainConfig); "
-        "did you mean kl.beta?",
+        ["kl=adaptve"],
+        "kl='adaptve' is not allowed: no such option of the config group kl: did you mean kl=adaptive?",
         CLI,
     ),
-    (["++kl.betta=0.5"], "kl.betta=0.5 is not allowed: unknown key", CLI),
-    (["+kl.clip_eps=0.1"], "TrainConfig); did you mean ppo.clip_eps?", CLI),  # a key of another group
-    (["+model.tiny.layers=4"], "model.tiny.layers=4 is not allowed: unknown key", CLI),
     (
-        ["+sead=1"],
-        "sead=1 is not allowed: unknown key (the schema is rlhf.config.schema.TrainConfig); did you mean seed?",
+        ["-m", "kl=fixed,adaptve"],  # a misspelt option in a sweep's list
+        "kl='adaptve' is not allowed: no such option of the config group kl: did you mean kl=adaptive?",
         CLI,
     ),
     # non-finite floats, anywhere in the config
@@ -278,6 +282,8 @@ def test_bad_override_is_refused_by_train_py_naming_it(tmp_path, tiny_cache, ove
     assert result.returncode == 2, result.stderr[-2000:]
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: "), line
+    if "unknown key" in line or "no such option" in line:  # the did-you-mean check in train.py, before Hydra
+        assert not run_dir.exists(), "refused only after Hydra made the run dir"
     if run_dir.exists():
         status = json.loads((run_dir / "status.json").read_text())
         assert status == {"status": "failed", "error": "ConfigError: " + line.removeprefix("error: ")}

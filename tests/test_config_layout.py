@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from rlhf.config import options
 from rlhf.config.schema import TrainConfig
-from tests.conftest import CONF_DIR, REPO
+from tests.helpers import CONF_DIR, REPO
 
 # The config groups: the dataclass-typed fields of the schema (model, reward, kl, ..., logging).
 GROUPS = sorted(name for name, hint in get_type_hints(TrainConfig).items() if is_dataclass(hint))

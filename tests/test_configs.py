@@ -1,22 +1,19 @@
-"""Every config option composes, validates and instantiates; bad overrides fail fast, naming the key."""
+"""Every config option composes, validates and instantiates; open maps stay open; a bad config is refused
+without importing torch; logged configs hide environment values. The bad overrides themselves are the one
+table in tests/test_bad_inputs.py."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
-import time
 
 import hydra
 import pytest
 import torch
-from hydra.errors import ConfigCompositionException
-from omegaconf.errors import OmegaConfBaseException
 
-from rlhf.config.errors import ConfigError
 from rlhf.config.redact import loggable_config
 from rlhf.config.validate import validate
-from tests.conftest import CONF_DIR, REPO, compose
+from tests.helpers import CONF_DIR, REPO, compose
 
 GROUPS = ["model", "reward", "kl", "gae", "optimizer", "hardware", "data", "experiment", "sweep"]
 # Options that need a value only the user can give.
@@ -54,56 +51,7 @@ def test_every_key_has_a_comment():
     assert not missing, missing
 
 
-@pytest.mark.parametrize(
-    ("override", "key"),
-    [
-        ("gae.lam=1.5", "gae.lam"),
-        ("gae.gamma=-0.1", "gae.gamma"),
-        ("ppo.clip_eps=0", "ppo.clip_eps"),
-        ("kl.beta=-1", "kl.beta"),
-        ("ppo.epochs=0", "ppo.epochs"),
-        ("ppo.minibatch_size=5", "ppo.minibatch_size"),
-        ("kl.estimator=k4", "kl.estimator"),
-        ("kl.controller=pid", "kl.controller"),
-        ("rollout.temperature=0", "rollout.temperature"),
-        ("logging.wandb.mode=cloud", "logging.wandb.mode"),
-        ("model.dtype=int8", "model.dtype"),
-        ("data.num_eval=0", "data.num_eval"),
-        ("kl.beta=inf", "kl.beta"),
-        ("reward.gain=nan", "reward.gain"),
-        ("seed=-1", "seed"),
-        ("optimizer.actor.lr=-1", "optimizer.actor.lr"),
-        ("optimizer.critic.eps=0", "optimizer.critic.eps"),
-        ("optimizer.scheduler.end_factor=2", "optimizer.scheduler.end_factor"),
-        ("data.max_operand=100000", "data.max_operand"),
-        ("model.tiny.intermediate_size=1000000", "model.tiny.intermediate_size"),
-    ],
-)
-def test_out_of_range_values_name_the_key(override, key):
-    cfg = compose([override])
-    with pytest.raises(ConfigError, match=rf"^{key}="):
-        validate(cfg)
-
-
-@pytest.mark.parametrize(
-    ("override", "key"),
-    [
-        ("kl.beta=abc", "kl.beta"),
-        ("gae.lam=high", "gae.lam"),
-        ("ppo.epochs=1.5", "ppo.epochs"),
-        ("kl.betta=1", "betta"),
-    ],
-)
-def test_wrong_types_and_unknown_keys_fail_at_composition(override, key):
-    with pytest.raises((ConfigCompositionException, OmegaConfBaseException)) as info:
-        compose([override])
-    assert key in str(info.value) + str(info.value.__cause__)
-
-
-def test_unknown_keys_added_with_plus_are_refused_but_open_maps_stay_open():
-    for override in ("+kl.betta=0.5", "++kl.betta=0.5"):
-        with pytest.raises(ConfigError, match=r"^kl\.betta=0\.5 is not allowed: unknown key.*did you mean kl\.beta\?"):
-            validate(compose([override]))
+def test_open_maps_stay_open():
     # Any header, any argument of the reward callable and of the optimizers: theirs to accept or refuse.
     cfg = compose(["+reward.headers.X-Trace=1", "+reward.fn.scale=2", "+optimizer.actor.amsgrad=true"])
     validate(cfg)
@@ -140,27 +88,6 @@ def test_config_errors_need_neither_torch_nor_transformers():
         assert modules.startswith("[] in"), modules
 
 
-def test_adaptive_controller_needs_target():
-    with pytest.raises(ConfigError, match="kl.target"):
-        validate(compose(["kl=adaptive", "kl.target=null"]))
-
-
-@pytest.mark.parametrize(("override", "key"), [("gae.lam=1.5", "gae.lam"), ("kl.beta=abc", "kl.beta")])
-def test_command_line_fails_fast_naming_the_key(override, key, tmp_path):
-    started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "train.py", override, f"hydra.run.dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    elapsed = time.perf_counter() - started
-    assert result.returncode != 0
-    assert key in result.stderr
-    # Nothing was built: no metrics file and no W&B run in the run dir.
-    assert not (tmp_path / "metrics.jsonl").exists()
-    assert not (tmp_path / "wandb").exists()
-    assert elapsed < 60, elapsed
-
-
 def test_loggable_config_redacts_values_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("REWARD_API_TOKEN", "s3cret")
     cfg = compose([
@@ -174,27 +101,6 @@ def test_loggable_config_redacts_values_read_from_the_environment(monkeypatch):
     assert logged["logging"]["wandb"]["entity"] == "<env REWARD_API_TOKEN>"
     assert logged["optimizer"]["scheduler"]["total_iters"] == 7  # other interpolations are resolved
     assert "s3cret" not in str(logged)
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        (["kl.betta=0.1"], "error: kl.betta=0.1 is not allowed: unknown key .*did you mean kl.beta\\?"),
-        (["+ppo.clip=0.1"], "error: ppo.clip=0.1 is not allowed: unknown key .*did you mean ppo.clip_eps\\?"),
-        (["kl=adaptve"], "error: kl='adaptve' is not allowed: no such option .*did you mean kl=adaptive\\?"),
-        (["-m", "kl=fixed,adaptve"], "did you mean kl=adaptive\\?"),
-    ],
-)
-def test_misspelt_keys_and_options_get_a_did_you_mean_before_hydra_runs(overrides, message, tmp_path):
-    # Hydra itself answers `kl.betta=0.1` with "use +kl.betta=0.1": a key nothing reads.
-    result = subprocess.run(
-        [sys.executable, "train.py", *overrides, f"hydra.run.dir={tmp_path}", f"hydra.sweep.dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 2, result.stderr
-    assert re.search(message, result.stderr), result.stderr
-    assert "Traceback" not in result.stderr
-    assert not any(tmp_path.iterdir())  # refused before Hydra made a run dir
 
 
 def test_keys_of_open_maps_and_group_paths_pass_the_key_check():

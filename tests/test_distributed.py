@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, wandb_inspect
+from tests.helpers import REPO, wandb_inspect
 from tests.signalling import ENV, RANK_ENV
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
