@@ -245,11 +245,11 @@ def build_models(
     critic = build_critic(
         actor,
         tokenizer,
-        critic_init,
-        cfg.model.shared_critic,
-        {"reward_model": cfg.reward.path, "path": cfg.model.critic_path}.get(critic_init),
-        cfg.model.value_head_std,
-        cfg.model.trust_remote_code,
+        init=critic_init,
+        shared=cfg.model.shared_critic,
+        path={"reward_model": cfg.reward.path, "path": cfg.model.critic_path}.get(critic_init),
+        value_head_std=cfg.model.value_head_std,
+        trust_remote_code=cfg.model.trust_remote_code,
     )
     if cfg.hardware.gradient_checkpointing:
         actor.activation_checkpointing_enable()

@@ -54,6 +54,7 @@ def shares_vocabulary(
 def build_critic(
     actor: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
+    *,
     init: str = "actor",
     shared: bool = False,
     path: str | None = None,
