@@ -244,3 +244,17 @@ def test_a_cycle_is_found_and_named():
     graph = {"a": {"b"}, "b": {"c", "d"}, "c": {"a"}, "d": set()}
     assert find_cycle(graph) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_test_modules_share_code_through_fixtures_and_helpers_only():
+    # Importing a test module (or conftest) runs its module-level code and ties the two modules' fates
+    # together: shared fixtures live in conftest.py (pytest finds them), shared functions in helpers.py.
+    tests = REPO / "tests"
+    found = [
+        f"{path.relative_to(REPO)}:{node.lineno}: {node.module}"
+        for path in sorted(tests.glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom)
+        and (node.module or "").startswith(("tests.test_", "tests.conftest", "test_", "conftest"))
+    ]
+    assert not found, "test modules importing a test module or conftest:\n" + "\n".join(found)
