@@ -110,3 +110,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Leave the process group before the interpreter exits: its threads torn down at exit instead
+    # have aborted a rank now and then ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
