@@ -30,9 +30,9 @@ RANKS = {
     "ppo": 3,  # the experience, the PPO step and update, its metrics (rewards.normalize checks scores)
     "app": 4,  # the composition root (build), the run loop and the Hydra job
 }
-# Top-level command-line entries (python -m rlhf.report / rlhf.generate): may import any package but not
-# each other.
-ENTRIES = {"report", "generate"}
+# Top-level command-line entries (python -m rlhf.report / rlhf.generate / rlhf.reward_model): may import any
+# package but not each other.
+ENTRIES = {"report", "generate", "reward_model"}
 # What rlhf/core may import besides the standard library and itself: torch only (never transformers,
 # hydra, omegaconf or wandb).
 CORE_THIRD_PARTY = {"torch"}

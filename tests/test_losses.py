@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf.core.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from rlhf.core.losses import bradley_terry_loss, entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from tests.reference import ragged_mask
 
 EPS = 0.2
@@ -141,3 +141,23 @@ def test_logprobs_and_entropy_against_loops():
             assert logprobs[b, t].item() == pytest.approx(row[tokens[b, t]] - log_z, abs=1e-12)
             probs = [math.exp(x - log_z) for x in row]
             assert entropy[b, t].item() == pytest.approx(-sum(p * math.log(p) for p in probs), abs=1e-12)
+
+
+def test_bradley_terry_loss_by_hand():
+    # Margins 0 and ln 3: -log sigmoid(0) = ln 2 = 0.693147; -log sigmoid(ln 3) = -log(3/4) = 0.287682.
+    # Mean = (0.693147 + 0.287682) / 2 = 0.490415.
+    chosen = torch.tensor([1.0, math.log(3.0) + 0.5])
+    rejected = torch.tensor([1.0, 0.5])
+    expected = (math.log(2.0) - math.log(0.75)) / 2
+    assert bradley_terry_loss(chosen, rejected).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_bradley_terry_loss_matches_a_float64_loop_and_stays_finite():
+    torch.manual_seed(0)
+    chosen, rejected = torch.randn(17, dtype=torch.float64) * 5, torch.randn(17, dtype=torch.float64) * 5
+    margins = (chosen - rejected).tolist()
+    reference = sum(-math.log(1 / (1 + math.exp(-m))) for m in margins)
+    assert bradley_terry_loss(chosen, rejected).item() == pytest.approx(reference / 17, rel=1e-12)
+    # A margin of -200: log(sigmoid(-200)) underflows to -inf in float32; logsigmoid gives 200.
+    far = bradley_terry_loss(torch.tensor([-100.0]), torch.tensor([100.0]))
+    assert far.item() == pytest.approx(200.0)

@@ -124,11 +124,11 @@ def split_allow_targets(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return rest, modules
 
 
-def checked_argv(argv: Sequence[str], *, conf_dir: Path | None = None) -> list[str]:
+def checked_argv(argv: Sequence[str], *, conf_dir: Path | None = None, train_keys: bool = True) -> list[str]:
     """``argv`` (without ``sys.argv[0]``) less ``--allow-target`` flags, once its overrides passed
     ``check_overrides``; a refusal exits with status 2 and the reasons, before anything is built.
-    Then each override's key must be one of the schema's and each group option a file of ``conf_dir``
-    (``check_keys``): ``error: ...`` and status 2 otherwise."""
+    Then (``train_keys``: the PPO run's schema) each override's key must be one of the schema's and each
+    group option a file of ``conf_dir`` (``check_keys``): ``error: ...`` and status 2 otherwise."""
     try:
         rest, modules = split_allow_targets(argv)
         # Hydra's own split of flags and overrides (it exits on an unknown flag, as Hydra would).
@@ -139,6 +139,8 @@ def checked_argv(argv: Sequence[str], *, conf_dir: Path | None = None) -> list[s
     except OverrideRefused as refused:
         print(f"Command-line override refused (nothing was run):\n{refused}", file=sys.stderr)
         raise SystemExit(2) from None
+    if not train_keys:  # another entry's schema (python -m rlhf.reward_model): Hydra's struct mode checks keys
+        return rest
     try:
         # Other config dirs may hold other group options: only the schema's keys are checked then.
         check_keys(args.overrides, conf_dir=None if args.config_dir else conf_dir)

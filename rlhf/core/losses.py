@@ -76,3 +76,13 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     """log p(token) under ``logits``: (B, A, V) and (B, A) -> (B, A)."""
     logp = torch.log_softmax(logits, dim=-1)
     return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Reward-model loss on preference pairs: -mean(log sigmoid(r_chosen - r_rejected)), scores (B,).
+
+    Bradley and Terry 1952; the pairwise loss of Ouyang et al. 2022 ("Training language models to
+    follow instructions with human feedback", eq. 1) with one comparison per prompt. ``logsigmoid``
+    keeps it finite for large margins, where ``log(sigmoid(x))`` would give -inf.
+    """
+    return -torch.nn.functional.logsigmoid(chosen_scores - rejected_scores).mean()

@@ -76,17 +76,9 @@ class ClassifierReward:
 
     def encode(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
         """The reward model's right-padded input for a batch, in ``input_format``."""
-        settings = {"padding": True, "truncation": True, "max_length": self.max_length, "return_tensors": "pt"}
-        if self.input_format == "pair":
-            return self.tokenizer(prompts, responses, **settings)
-        texts = [
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
-            )
-            for prompt, response in zip(prompts, responses, strict=True)
-        ]
-        # The template already holds the special tokens (BOS, turn markers): adding them again would double them.
-        return self.tokenizer(texts, add_special_tokens=False, **settings)
+        return encode_for_reward(
+            self.tokenizer, prompts, responses, input_format=self.input_format, max_length=self.max_length
+        )
 
     @torch.inference_mode()
     def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -96,6 +88,26 @@ class ClassifierReward:
             batch = self.encode(prompts[start:end], responses[start:end]).to(self.model.device)
             scores.append(self.model(**batch).logits[:, 0].float().cpu())
         return torch.cat(scores)
+
+
+def encode_for_reward(
+    tokenizer, prompts: list[str], responses: list[str], *, input_format: str, max_length: int
+) -> dict[str, torch.Tensor]:
+    """A sequence classifier's input for (prompt, response) pairs in ``input_format`` (``pair``: a text
+    pair; ``chat``: a user and an assistant turn through the tokenizer's chat template), padded on the
+    tokenizer's side. Reward-model training (rlhf.app.reward_model) encodes with it too, so a trained
+    model is scored on the inputs it was trained on."""
+    settings = {"padding": True, "truncation": True, "max_length": max_length, "return_tensors": "pt"}
+    if input_format == "pair":
+        return tokenizer(prompts, responses, **settings)
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+        )
+        for prompt, response in zip(prompts, responses, strict=True)
+    ]
+    # The template already holds the special tokens (BOS, turn markers): adding them again would double them.
+    return tokenizer(texts, add_special_tokens=False, **settings)
 
 
 class HTTPReward:
