@@ -30,21 +30,21 @@ from rlhf.runtime.tracking import Tracker, WandbSettings
 MODEL_DIR = "model"  # the best checkpoint, a from_pretrained folder with its tokenizer
 
 
-def load_classifier(cfg: DictConfig, device: torch.device) -> tuple[Any, Any]:
+def load_classifier(rm_cfg: DictConfig, device: torch.device) -> tuple[Any, Any]:
     """(model, tokenizer): a 1-label sequence classifier and its right-padding tokenizer, set up as
     ``ClassifierReward`` sets them up (a pad token, the model's pad id), dropout off."""
-    tokenizer_path = cfg.model.tokenizer_path or cfg.model.path
+    tokenizer_path = rm_cfg.model.tokenizer_path or rm_cfg.model.path
     with loading("model.tokenizer_path", tokenizer_path):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, padding_side="right")
-    if cfg.input_format == "chat" and not tokenizer.chat_template:
+    if rm_cfg.input_format == "chat" and not tokenizer.chat_template:
         raise InputError(f"input_format=chat needs a tokenizer with a chat template; {tokenizer_path!r} has none")
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise InputError(f"the tokenizer at {tokenizer_path!r} has no pad or EOS token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
-    with loading("model.path", cfg.model.path):
+    with loading("model.path", rm_cfg.model.path):
         model = AutoModelForSequenceClassification.from_pretrained(
-            cfg.model.path, num_labels=1, dtype=DTYPES[cfg.model.dtype]
+            rm_cfg.model.path, num_labels=1, dtype=DTYPES[rm_cfg.model.dtype]
         ).to(device)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -52,11 +52,15 @@ def load_classifier(cfg: DictConfig, device: torch.device) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def score_pairs(model: Any, tokenizer: Any, pairs: list[Pair], cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def score_pairs(
+    model: Any, tokenizer: Any, pairs: list[Pair], rm_cfg: DictConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen scores (B,), rejected scores (B,)) of ``pairs`` in one forward of 2B rows."""
     prompts = [prompt for prompt, _, _ in pairs] * 2
     responses = [chosen for _, chosen, _ in pairs] + [rejected for _, _, rejected in pairs]
-    batch = encode_for_reward(tokenizer, prompts, responses, input_format=cfg.input_format, max_length=cfg.max_length)
+    batch = encode_for_reward(
+        tokenizer, prompts, responses, input_format=rm_cfg.input_format, max_length=rm_cfg.max_length
+    )
     scores = model(**batch.to(model.device)).logits[:, 0].float()  # (2B,)
     return scores[: len(pairs)], scores[len(pairs) :]
 
@@ -73,11 +77,14 @@ def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor, prefix: str) -> dic
 
 
 @torch.no_grad()
-def evaluate(model: Any, tokenizer: Any, pairs: list[Pair], cfg: DictConfig, prefix: str = "eval") -> dict[str, float]:
+def evaluate(
+    model: Any, tokenizer: Any, pairs: list[Pair], rm_cfg: DictConfig, prefix: str = "eval"
+) -> dict[str, float]:
     """``pair_stats`` over ``pairs`` scored in batches of ``batch_size`` pairs."""
     model.eval()
     scored = [
-        score_pairs(model, tokenizer, pairs[i : i + cfg.batch_size], cfg) for i in range(0, len(pairs), cfg.batch_size)
+        score_pairs(model, tokenizer, pairs[i : i + rm_cfg.batch_size], rm_cfg)
+        for i in range(0, len(pairs), rm_cfg.batch_size)
     ]
     model.train()
     chosen, rejected = torch.cat([c for c, _ in scored]), torch.cat([r for _, r in scored])
@@ -92,13 +99,13 @@ def score_head(model: Any) -> torch.nn.Linear:
     return heads[-1]
 
 
-def center_scores(model: Any, tokenizer: Any, pairs: list[Pair], cfg: DictConfig) -> float:
+def center_scores(model: Any, tokenizer: Any, pairs: list[Pair], rm_cfg: DictConfig) -> float:
     """Shift the score head's bias so the scores of ``pairs`` (chosen and rejected) have mean 0; returns
     the shift. A shift of every score leaves pair accuracies, margins and the Bradley-Terry loss unchanged."""
     head = score_head(model)
     if head.bias is None:
         raise InputError(f"center=true: the score head of {type(model).__name__} has no bias; use center=false")
-    mean = evaluate(model, tokenizer, pairs, cfg, prefix="center")["center/score_mean"]
+    mean = evaluate(model, tokenizer, pairs, rm_cfg, prefix="center")["center/score_mean"]
     with torch.no_grad():
         head.bias -= mean
     return mean
@@ -112,24 +119,24 @@ def batches(pairs: list[Pair], *, batch_size: int, rng: random.Random) -> list[l
 
 
 def train_reward_model(
-    cfg: DictConfig, run_dir: Path, *, train_pairs: list[Pair], eval_pairs: list[Pair]
+    rm_cfg: DictConfig, run_dir: Path, *, train_pairs: list[Pair], eval_pairs: list[Pair]
 ) -> dict[str, float]:
     """Train, evaluate every ``eval_every`` steps and at the end, keep the best checkpoint in
     ``<run dir>/model``; returns the run's final figures (also the W&B summary)."""
     started = time.time()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(rm_cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # 1. model and tokenizer, as the PPO run's ClassifierReward will load them
-    model, tokenizer = load_classifier(cfg, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    logged, settings = tracker_settings(cfg)
+    model, tokenizer = load_classifier(rm_cfg, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=rm_cfg.lr, weight_decay=rm_cfg.weight_decay)
+    logged, settings = tracker_settings(rm_cfg)
     tracker = Tracker(run_dir, config=logged, settings=settings)
     try:
-        best = run_epochs(cfg, run_dir, model, tokenizer, optimizer, tracker, train_pairs, eval_pairs)
+        best = run_epochs(rm_cfg, run_dir, model, tokenizer, optimizer, tracker, train_pairs, eval_pairs)
         # 5. centering (optional) of the best checkpoint, on the training pairs
         results = {"best/eval_accuracy": best, "time/total": 0.0, "center/shift": 0.0}
-        if cfg.center:
-            results["center/shift"] = recenter(cfg, run_dir / MODEL_DIR, train_pairs, device)
+        if rm_cfg.center:
+            results["center/shift"] = recenter(rm_cfg, run_dir / MODEL_DIR, train_pairs, device)
         results["time/total"] = time.time() - started
         tracker.summary(results)
     except BaseException:
@@ -139,19 +146,19 @@ def train_reward_model(
     return results
 
 
-def run_epochs(cfg, run_dir, model, tokenizer, optimizer, tracker, train_pairs, eval_pairs) -> float:  # noqa: PLR0913
+def run_epochs(rm_cfg, run_dir, model, tokenizer, optimizer, tracker, train_pairs, eval_pairs) -> float:  # noqa: PLR0913
     """The loop over epochs and mini-batches; returns the best held-out accuracy (-1 with nothing held out)."""
-    rng = random.Random(cfg.seed)
-    steps = cfg.epochs * -(-len(train_pairs) // cfg.batch_size)
-    bar = tqdm(total=steps, desc="reward model", disable=not cfg.logging.progress_bar)
+    rng = random.Random(rm_cfg.seed)
+    steps = rm_cfg.epochs * -(-len(train_pairs) // rm_cfg.batch_size)
+    bar = tqdm(total=steps, desc="reward model", disable=not rm_cfg.logging.progress_bar)
     best, step = (-1.0, 0.0), 0
     if eval_pairs:  # the untrained model's figures, to compare with
-        tracker.log(evaluate(model, tokenizer, eval_pairs, cfg), step=0)
+        tracker.log(evaluate(model, tokenizer, eval_pairs, rm_cfg), step=0)
     model.train()
-    for _ in range(cfg.epochs):
-        for batch in batches(train_pairs, batch_size=cfg.batch_size, rng=rng):
+    for _ in range(rm_cfg.epochs):
+        for batch in batches(train_pairs, batch_size=rm_cfg.batch_size, rng=rng):
             # 2. Bradley-Terry step on one mini-batch of pairs
-            chosen, rejected = score_pairs(model, tokenizer, batch, cfg)
+            chosen, rejected = score_pairs(model, tokenizer, batch, rm_cfg)
             loss = bradley_terry_loss(chosen, rejected)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -159,8 +166,8 @@ def run_epochs(cfg, run_dir, model, tokenizer, optimizer, tracker, train_pairs, 
             step += 1
             metrics = {"loss/bt": loss.item(), **pair_stats(chosen.detach(), rejected.detach(), "train")}
             # 3. held-out evaluation; the best checkpoint by held-out accuracy is kept
-            if eval_pairs and (step % cfg.eval_every == 0 or step == steps):
-                metrics.update(evaluate(model, tokenizer, eval_pairs, cfg))
+            if eval_pairs and (step % rm_cfg.eval_every == 0 or step == steps):
+                metrics.update(evaluate(model, tokenizer, eval_pairs, rm_cfg))
                 # Ties in accuracy (small held-out sets) go to the lower held-out loss.
                 if (metrics["eval/accuracy"], -metrics["eval/loss"]) > best:
                     best = (metrics["eval/accuracy"], -metrics["eval/loss"])
@@ -175,26 +182,26 @@ def run_epochs(cfg, run_dir, model, tokenizer, optimizer, tracker, train_pairs, 
     return best[0]
 
 
-def recenter(cfg: DictConfig, folder: Path, train_pairs: list[Pair], device: torch.device) -> float:
+def recenter(rm_cfg: DictConfig, folder: Path, train_pairs: list[Pair], device: torch.device) -> float:
     """Load the saved best checkpoint, center its scores on the training pairs, save it again."""
-    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=DTYPES[cfg.model.dtype]).to(device)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=DTYPES[rm_cfg.model.dtype]).to(device)
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="right")
     disable_dropout(model)
-    shift = center_scores(model, tokenizer, train_pairs, cfg)
+    shift = center_scores(model, tokenizer, train_pairs, rm_cfg)
     save_folder(model, tokenizer, folder)
     return shift
 
 
-def tracker_settings(cfg: DictConfig) -> tuple[dict[str, Any], WandbSettings]:
+def tracker_settings(rm_cfg: DictConfig) -> tuple[dict[str, Any], WandbSettings]:
     """(the loggable config, W&B settings) of the run, as the PPO run builds them."""
-    logged = loggable_config(cfg)
+    logged = loggable_config(rm_cfg)
     wandb_cfg = logged["logging"]["wandb"]
     settings = WandbSettings(
-        mode=cfg.logging.wandb.mode,
+        mode=rm_cfg.logging.wandb.mode,
         project=wandb_cfg["project"],
-        name=run_name_of(cfg),
+        name=run_name_of(rm_cfg),
         entity=wandb_cfg["entity"],
-        group=group_of(cfg),
+        group=group_of(rm_cfg),
         tags=tuple(wandb_cfg["tags"]),
     )
     return logged, settings

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from rlhf.config.checks import check, non_negative, one_of, positive
 from rlhf.config.options import DType, InputFormat, WandbMode
@@ -85,6 +85,8 @@ def validate_reward_model_run(cfg: Any) -> None:
         positive(key, cfg[key])
     non_negative("weight_decay", cfg.weight_decay)
     check(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", cfg.data.eval_fraction, "must be in [0, 1)")
-    check(bool(cfg.data.path), "data.path", cfg.data.path, "give a preference-pair file or a hub dataset name")
-    check(bool(cfg.model.path), "model.path", cfg.model.path, "give a sequence-classifier folder or hub id")
+    # A missing path is MISSING (???): reading it would raise OmegaConf's error, which names no remedy.
+    for key, what in (("data.path", "a preference-pair file or a hub dataset name"), ("model.path", "a classifier")):
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        check(not OmegaConf.is_missing(cfg, key) and bool(value), key, value, f"give {what} (folder or hub id)")
     one_of("logging.wandb.mode", cfg.logging.wandb.mode, (None, *WandbMode))
