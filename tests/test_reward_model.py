@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,123 @@ def test_bad_pair_files_exit_2_naming_file_and_row(tmp_path, tiny_rm, rows, mess
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: ") and str(path) in error and message in error, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_rm(tmp_path_factory) -> tuple[Path, Path]:
+    """(model folder, tokenizer folder): a tiny Qwen2 classifier (a score head without bias) and the
+    tiny actor's tokenizer, which has a chat template."""
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    from rlhf.models.tiny import build_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny-qwen-rm")
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(root / "tokenizer")
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    Qwen2ForSequenceClassification(config).save_pretrained(root / "model")
+    return root / "model", root / "tokenizer"
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_rm(tmp_path_factory, tiny_rm) -> Path:
+    """The tiny DeBERTa classifier with a chat template in its tokenizer."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-chat-rm") / "rm"
+    shutil.copytree(tiny_rm, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+    )
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_chat_format_trains_and_scores_through_build_reward_as_through_transformers(tmp_path, tiny_chat_rm):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf.rewards.scorers import build_reward
+
+    pairs_path = write_pairs(tmp_path / "pairs.jsonl", n=48)
+    result = run_rm(
+        tmp_path / "run",
+        f"model.path={tiny_chat_rm}",
+        f"data.path={pairs_path}",
+        f"data.cache_dir={tmp_path / 'hf'}",
+        "input_format=chat",
+        "max_length=64",
+        "batch_size=8",
+        "lr=3e-3",
+        "logging.wandb.mode=disabled",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "run" / "model"
+    rows = [json.loads(line) for line in pairs_path.read_text().splitlines()][:6]
+    prompts, responses = [r["prompt"] for r in rows] * 2, [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    reward_cfg = OmegaConf.create(
+        {
+            "kind": "model",
+            "path": str(folder),
+            "max_length": 64,
+            "batch_size": 5,
+            "dtype": "float32",
+            "input_format": "chat",
+        }
+    )
+    via_ppo = build_reward(reward_cfg, torch.device("cpu"))(prompts, responses)
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="right")
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+        )
+        for p, r in zip(prompts, responses, strict=True)
+    ]
+    assert texts[0].startswith("[CLS]user: ")  # the template is what the classifier reads
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        direct = model(**batch).logits[:, 0]
+    torch.testing.assert_close(via_ppo, direct, rtol=0, atol=1e-6)
+    pair_cfg = OmegaConf.merge(reward_cfg, {"input_format": "pair"})
+    assert not torch.equal(via_ppo, build_reward(pair_cfg, torch.device("cpu"))(prompts, responses))  # other inputs
+
+
+def test_a_tokenizer_that_does_not_reload_from_the_folder_is_refused_before_training(tmp_path, tiny_qwen_rm):
+    # The tiny actor's tokenizer saved next to a Qwen2 config.json comes back as Qwen2Tokenizer, which
+    # drops the spaces: reward.path=<folder> would score other ids than those trained on.
+    model_path, tokenizer_path = tiny_qwen_rm
+    result = run_rm(
+        tmp_path / "run",
+        f"model.path={model_path}",
+        f"model.tokenizer_path={tokenizer_path}",
+        f"data.path={write_pairs(tmp_path / 'pairs.jsonl', n=16)}",
+        f"data.cache_dir={tmp_path / 'hf'}",
+        "input_format=chat",
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "comes back from the saved folder as Qwen2Tokenizer" in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_center_needs_a_score_head_with_a_bias(tiny_qwen_rm):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.app.reward_model_loop import biased_score_head
+
+    with pytest.raises(InputError, match="Qwen2ForSequenceClassification has no bias; use center=false"):
+        biased_score_head(AutoModelForSequenceClassification.from_pretrained(tiny_qwen_rm[0]))
 
 
 def test_anthropic_hh_rows_split_into_prompt_and_final_responses():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,29 @@ def load_classifier(rm_cfg: DictConfig, device: torch.device) -> tuple[Any, Any]
         model.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(model)
     return model, tokenizer
+
+
+def check_round_trip(model: Any, tokenizer: Any, pairs: list[Pair], rm_cfg: DictConfig) -> None:
+    """The saved folder's tokenizer, as ``AutoTokenizer`` reloads it next to the model's config.json (what
+    ``reward.path`` loads), must encode like the one trained with: transformers picks the tokenizer class
+    from the model type, so a foreign tokenizer can come back as another class with other ids."""
+    prompts, responses = [p for p, _, _ in pairs[:8]], [c for _, c, _ in pairs[:8]]
+    settings = {"input_format": rm_cfg.input_format, "max_length": rm_cfg.max_length}
+    with tempfile.TemporaryDirectory() as folder:
+        model.config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        reloaded = AutoTokenizer.from_pretrained(folder, padding_side="right")
+    if reloaded.pad_token is None:
+        reloaded.pad_token = tokenizer.pad_token
+    ours = encode_for_reward(tokenizer, prompts, responses, **settings)["input_ids"]
+    theirs = encode_for_reward(reloaded, prompts, responses, **settings)["input_ids"]
+    if not torch.equal(ours, theirs):
+        raise InputError(
+            f"the tokenizer of {rm_cfg.model.tokenizer_path or rm_cfg.model.path!r} comes back from the saved folder "
+            f"as {type(reloaded).__name__} (the class transformers picks for model type "
+            f"{model.config.model_type!r}) and encodes the pairs differently, so reward.path=<folder> would not score "
+            "what was trained: use a tokenizer of the model's own type"
+        )
 
 
 def score_pairs(
@@ -99,12 +123,18 @@ def score_head(model: Any) -> torch.nn.Linear:
     return heads[-1]
 
 
-def center_scores(model: Any, tokenizer: Any, pairs: list[Pair], rm_cfg: DictConfig) -> float:
-    """Shift the score head's bias so the scores of ``pairs`` (chosen and rejected) have mean 0; returns
-    the shift. A shift of every score leaves pair accuracies, margins and the Bradley-Terry loss unchanged."""
+def biased_score_head(model: Any) -> torch.nn.Linear:
+    """The score head, which must have a bias for ``center=true`` (checked before training too)."""
     head = score_head(model)
     if head.bias is None:
         raise InputError(f"center=true: the score head of {type(model).__name__} has no bias; use center=false")
+    return head
+
+
+def center_scores(model: Any, tokenizer: Any, pairs: list[Pair], rm_cfg: DictConfig) -> float:
+    """Shift the score head's bias so the scores of ``pairs`` (chosen and rejected) have mean 0; returns
+    the shift. A shift of every score leaves pair accuracies, margins and the Bradley-Terry loss unchanged."""
+    head = biased_score_head(model)
     mean = evaluate(model, tokenizer, pairs, rm_cfg, prefix="center")["center/score_mean"]
     with torch.no_grad():
         head.bias -= mean
@@ -128,6 +158,9 @@ def train_reward_model(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # 1. model and tokenizer, as the PPO run's ClassifierReward will load them
     model, tokenizer = load_classifier(rm_cfg, device)
+    if rm_cfg.center:
+        biased_score_head(model)  # refused now, not after the training it would follow
+    check_round_trip(model, tokenizer, train_pairs, rm_cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=rm_cfg.lr, weight_decay=rm_cfg.weight_decay)
     logged, settings = tracker_settings(rm_cfg)
     tracker = Tracker(run_dir, config=logged, settings=settings)
