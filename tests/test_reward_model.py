@@ -5,6 +5,7 @@ exactly as through ``transformers``, and bad pair files stop the run with one ``
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from rlhf.config.errors import InputError
-from rlhf.data.pairs import hh_pair, split_pairs, to_pairs
+from rlhf.data.pairs import hh_pair, load_rows, split_pairs, to_pairs
 from tests.stand_ins import save_tiny_deberta_reward_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +47,8 @@ def tiny_rm(tmp_path_factory) -> Path:
 
 def run_rm(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "rlhf.reward_model", f"hydra.run.dir={run_dir}", "logging.progress_bar=false"]
-    return subprocess.run([*command, *overrides], cwd=REPO, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    return subprocess.run([*command, *overrides], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +274,26 @@ def test_center_needs_a_score_head_with_a_bias(tiny_qwen_rm):
 
     with pytest.raises(InputError, match="Qwen2ForSequenceClassification has no bias; use center=false"):
         biased_score_head(AutoModelForSequenceClassification.from_pretrained(tiny_qwen_rm[0]))
+
+
+def test_a_hub_name_that_cannot_be_loaded_exits_2_naming_it(tmp_path):
+    result = run_rm(tmp_path / "run", "model.path=unused", "data.path=no-such-org/no-such-pairs")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1].startswith(
+        "error: data.path='no-such-org/no-such-pairs' could not be loaded"
+    )
+
+
+def test_csv_and_parquet_files_read_as_jsonl(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({"prompt": ["p1", "p2"], "chosen": ["good a", "good b"], "rejected": ["a", "b"]})
+    frame.to_csv(tmp_path / "pairs.csv", index=False)
+    frame.to_parquet(tmp_path / "pairs.parquet")
+    expected = [("p1", "good a", "a"), ("p2", "good b", "b")]
+    for name in ("pairs.csv", "pairs.parquet"):
+        rows = load_rows(str(tmp_path / name), cache_dir=str(tmp_path / "hf"))
+        assert to_pairs(rows, name) == expected
 
 
 def test_anthropic_hh_rows_split_into_prompt_and_final_responses():
