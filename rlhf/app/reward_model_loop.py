@@ -165,7 +165,16 @@ def train_reward_model(
     logged, settings = tracker_settings(rm_cfg)
     tracker = Tracker(run_dir, config=logged, settings=settings)
     try:
-        best = run_epochs(rm_cfg, run_dir, model, tokenizer, optimizer, tracker, train_pairs, eval_pairs)
+        best = run_epochs(
+            rm_cfg,
+            run_dir=run_dir,
+            model=model,
+            tokenizer=tokenizer,
+            optimizer=optimizer,
+            tracker=tracker,
+            train_pairs=train_pairs,
+            eval_pairs=eval_pairs,
+        )
         # 5. centering (optional) of the best checkpoint, on the training pairs
         results = {"best/eval_accuracy": best, "time/total": 0.0, "center/shift": 0.0}
         if rm_cfg.center:
@@ -179,7 +188,17 @@ def train_reward_model(
     return results
 
 
-def run_epochs(rm_cfg, run_dir, model, tokenizer, optimizer, tracker, train_pairs, eval_pairs) -> float:  # noqa: PLR0913
+def run_epochs(
+    rm_cfg: DictConfig,
+    *,
+    run_dir: Path,
+    model: Any,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    tracker: Tracker,
+    train_pairs: list[Pair],
+    eval_pairs: list[Pair],
+) -> float:
     """The loop over epochs and mini-batches; returns the best held-out accuracy (-1 with nothing held out)."""
     rng = random.Random(rm_cfg.seed)
     steps = rm_cfg.epochs * -(-len(train_pairs) // rm_cfg.batch_size)
