@@ -19,8 +19,10 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def run(command: list[str], expect: int = 0, **kwargs) -> subprocess.CompletedProcess:
+    # A rank killed by a signal (an abort in C++) prints every thread's Python stack first.
+    kwargs["env"] = {**kwargs.get("env", os.environ), "PYTHONFAULTHANDLER": "1"}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, **kwargs)
-    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 
 
