@@ -75,4 +75,5 @@ def _run_locked(rm_cfg: DictConfig, run_dir: Path) -> float:
         print(traceback.format_exc(), file=sys.stderr, end="")
         raise SystemExit(1) from None
     write_status(run_dir, "completed", **results)
+    print(f"best held-out pair accuracy {results['best/eval_accuracy']:.3f}; model in {run_dir / 'model'}")
     return results["best/eval_accuracy"]

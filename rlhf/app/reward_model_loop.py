@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from rlhf.app.jobinfo import group_of, run_name_of
 from rlhf.config.errors import InputError
@@ -26,6 +27,7 @@ from rlhf.core.losses import bradley_terry_loss
 from rlhf.data.pairs import Pair
 from rlhf.models.loading import DTYPES, disable_dropout, loading
 from rlhf.rewards.scorers import encode_for_reward
+from rlhf.runtime.distributed import quiet_deepspeed_detection
 from rlhf.runtime.tracking import Tracker, WandbSettings
 
 MODEL_DIR = "model"  # the best checkpoint, a from_pretrained folder with its tokenizer
@@ -154,6 +156,8 @@ def train_reward_model(
     """Train, evaluate every ``eval_every`` steps and at the end, keep the best checkpoint in
     ``<run dir>/model``; returns the run's final figures (also the W&B summary)."""
     started = time.time()
+    hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
+    quiet_deepspeed_detection()  # transformers' save_pretrained imports an installed DeepSpeed
     torch.manual_seed(rm_cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # 1. model and tokenizer, as the PPO run's ClassifierReward will load them
@@ -227,7 +231,8 @@ def run_epochs(
             # 4. log
             tracker.log(metrics, step=step)
             bar.update()
-            bar.set_postfix(loss=f"{metrics['loss/bt']:.3f}", acc=f"{metrics.get('eval/accuracy', best[0]):.2f}")
+            held_out = {"best_held_out_acc": f"{best[0]:.2f}"} if best[0] >= 0 else {}
+            bar.set_postfix(loss=f"{metrics['loss/bt']:.3f}", **held_out)
     bar.close()
     if not eval_pairs:  # nothing held out: the last model is the one kept
         save_folder(model, tokenizer, run_dir / MODEL_DIR)
