@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from rlhf.data.prompts import fit_prompt_lengths, load_prompts
     from rlhf.models.generation import generate
+    from rlhf.rewards.normalize import checked_scores
     from rlhf.rewards.scorers import build_reward
 
     torch.manual_seed(cfg.seed)
@@ -143,10 +144,15 @@ def main(argv: list[str] | None = None) -> None:
         max_prompt_length=cfg.data.max_prompt_length,
         do_sample=not args.greedy,
     )
-    scores = reward(samples.prompts, samples.responses).float()
-    penalty = cfg.reward.missing_eos_penalty  # as in training: a response cut at max_new_tokens gets it
-    if penalty is not None:
-        scores = torch.where(samples.truncated, torch.full_like(scores, penalty), scores)
+    # As in training, a response cut at max_new_tokens gets reward.missing_eos_penalty; a NaN/inf score
+    # is printed as it is.
+    scores = checked_scores(
+        reward(samples.prompts, samples.responses).float(),
+        samples,
+        on_nonfinite="mask",
+        missing_eos_penalty=cfg.reward.missing_eos_penalty,
+        where="generate",
+    )
     print("prompt\tresponse\tscore")
     for prompt, response, score in zip(samples.prompts, samples.responses, scores.tolist(), strict=True):
         print(f"{prompt!r}\t{response!r}\t{score:.3f}")

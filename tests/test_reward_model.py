@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from rlhf.config.errors import InputError
 from rlhf.data.pairs import hh_pair, load_rows, split_pairs, to_pairs
@@ -90,6 +90,20 @@ def test_training_learns_the_marker_and_saves_a_folder(trained):
     assert list((run_dir / "wandb").glob("offline-run-*"))
 
 
+def classifier_reward(folder: Path, *, batch_size: int, input_format: str) -> DictConfig:
+    """The reward config of a PPO run that scores with the saved folder (``reward=classifier``)."""
+    return OmegaConf.create(
+        {
+            "kind": "model",
+            "path": str(folder),
+            "max_length": 64,
+            "batch_size": batch_size,
+            "dtype": "float32",
+            "input_format": input_format,
+        }
+    )
+
+
 def test_the_saved_folder_scores_through_build_reward_as_through_transformers(trained):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -101,16 +115,7 @@ def test_the_saved_folder_scores_through_build_reward_as_through_transformers(tr
     pairs = [json.loads(line) for line in pairs_path.read_text().splitlines()][:12]
     prompts = [p["prompt"] for p in pairs] * 2
     responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    reward_cfg = OmegaConf.create(
-        {
-            "kind": "model",
-            "path": str(folder),
-            "max_length": 64,
-            "batch_size": 24,
-            "dtype": "float32",
-            "input_format": "pair",
-        }
-    )
+    reward_cfg = classifier_reward(folder, batch_size=24, input_format="pair")
     via_ppo = build_reward(reward_cfg, torch.device("cpu"))(prompts, responses)
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="right")
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
@@ -222,16 +227,7 @@ def test_chat_format_trains_and_scores_through_build_reward_as_through_transform
     folder = tmp_path / "run" / "model"
     rows = [json.loads(line) for line in pairs_path.read_text().splitlines()][:6]
     prompts, responses = [r["prompt"] for r in rows] * 2, [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
-    reward_cfg = OmegaConf.create(
-        {
-            "kind": "model",
-            "path": str(folder),
-            "max_length": 64,
-            "batch_size": 5,
-            "dtype": "float32",
-            "input_format": "chat",
-        }
-    )
+    reward_cfg = classifier_reward(folder, batch_size=5, input_format="chat")
     via_ppo = build_reward(reward_cfg, torch.device("cpu"))(prompts, responses)
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="right")
     texts = [

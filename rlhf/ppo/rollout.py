@@ -17,7 +17,7 @@ from rlhf.models.critic import Critic
 from rlhf.models.generation import generate
 from rlhf.ppo.experience import compute_logprobs, compute_values
 from rlhf.ppo.settings import PPOSettings
-from rlhf.rewards.normalize import check_finite
+from rlhf.rewards.normalize import checked_scores
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -31,20 +31,6 @@ def autocast(*, device: str, dtype: str) -> contextlib.AbstractContextManager:
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device, dtype=getattr(torch, dtype))
-
-
-def checked_scores(
-    scores: torch.Tensor, samples: Samples, *, on_nonfinite: str, missing_eos_penalty: float | None, where: str
-) -> torch.Tensor:
-    """(B,) ``scores`` with the missing-EOS penalty replacing the score of truncated responses.
-
-    A NaN/inf score stops the run naming the samples and ``where`` (``reward.on_nonfinite=error``) or
-    is kept as it is for the caller to mask out (``mask``)."""
-    if on_nonfinite == "error":
-        check_finite(scores, where)
-    if missing_eos_penalty is not None:
-        scores = torch.where(samples.truncated.cpu(), torch.full_like(scores, missing_eos_penalty), scores)
-    return scores
 
 
 def gather_rollout(

@@ -1,10 +1,13 @@
-"""What happens to scores after the scorer: the finite check and running normalisation."""
+"""What happens to scores after the scorer: the finite check, the missing-EOS penalty and running
+normalisation."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+from rlhf.core.types import Samples
 
 
 class RewardNormalizer:
@@ -53,3 +56,17 @@ def check_finite(scores: torch.Tensor, where: str) -> None:
             f"{where}: the reward is not finite for sample(s) {bad} (scores {scores[bad].tolist()}); "
             "reward.on_nonfinite=mask drops such samples instead"
         )
+
+
+def checked_scores(
+    scores: torch.Tensor, samples: Samples, *, on_nonfinite: str, missing_eos_penalty: float | None, where: str
+) -> torch.Tensor:
+    """(B,) ``scores`` with the missing-EOS penalty replacing the score of truncated responses.
+
+    A NaN/inf score stops the run naming the samples and ``where`` (``reward.on_nonfinite=error``) or
+    is kept as it is for the caller to mask out (``mask``)."""
+    if on_nonfinite == "error":
+        check_finite(scores, where)
+    if missing_eos_penalty is not None:
+        scores = torch.where(samples.truncated.cpu(), torch.full_like(scores, missing_eos_penalty), scores)
+    return scores
