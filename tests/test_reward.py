@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from rlhf.app.build import build_trainer
-from rlhf.rewards.normalize import RewardNormalizer, check_finite
+from rlhf.rewards.normalize import RewardNormalizer, check_finite, checked_scores
 from rlhf.rewards.scorers import FunctionReward, HTTPReward
 from rlhf.tasks.arithmetic import exact_match_reward, solve, split_prompts
 
@@ -30,6 +31,18 @@ def test_non_finite_scores_stop_the_step_naming_the_samples():
     check_finite(torch.tensor([0.0, 1.0]), "step 1")
     with pytest.raises(ValueError, match=r"step 7: the reward is not finite for sample\(s\) \[1, 3\]"):
         check_finite(torch.tensor([0.0, math.nan, 1.0, math.inf]), "step 7")
+
+
+def test_truncated_responses_get_the_missing_eos_penalty_and_masked_nans_stay():
+    # Only .truncated is read: a response cut at max_new_tokens (row 1) gets the penalty, its NaN too.
+    samples = SimpleNamespace(truncated=torch.tensor([False, True, False, False]))
+    scores = torch.tensor([1.0, math.nan, 2.0, math.inf])
+    kept = checked_scores(scores, samples, on_nonfinite="mask", missing_eos_penalty=-1.0, where="x")
+    assert torch.equal(kept, torch.tensor([1.0, -1.0, 2.0, math.inf]))
+    unchanged = checked_scores(scores, samples, on_nonfinite="mask", missing_eos_penalty=None, where="x")
+    assert unchanged is scores
+    with pytest.raises(ValueError, match=r"step 3: the reward is not finite for sample\(s\) \[1, 3\]"):
+        checked_scores(scores, samples, on_nonfinite="error", missing_eos_penalty=-1.0, where="step 3")
 
 
 def nan_for_second(prompts, responses):
