@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import CLI_RUN_OVERRIDES, FAST, REPO, compose, set_test_environment
+from tests.helpers import CLI_RUN_OVERRIDES, FAST, REPO, TESTBED, compose, set_test_environment
 
 set_test_environment()  # offline, one thread: before any test module is imported
 
@@ -45,6 +45,20 @@ def cli_run(tmp_path_factory, tiny_cache) -> tuple[Path, subprocess.CompletedPro
          f"hydra.run.dir={run_dir}"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+    return run_dir, result
+
+
+@pytest.fixture(scope="session")
+def testbed_run(tmp_path_factory, tiny_cache) -> tuple[Path, subprocess.CompletedProcess]:
+    """``(run_dir, result)`` of a real command-line run of the over-optimisation testbed (``TESTBED``)."""
+    run_dir = tmp_path_factory.mktemp("testbed-run") / "run"
+    result = subprocess.run(
+        [sys.executable, "train.py", *TESTBED, f"model.cache_dir={tiny_cache}", f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return run_dir, result
 
 

@@ -58,6 +58,22 @@ FAST = [
 CLI_RUN_OVERRIDES = ["trainer.steps=2", "rollout.batch_size=8", "ppo.minibatch_size=4", "kl.beta=0.07", "gae.lam=0.9"]
 
 
+# The over-optimisation testbed at its smallest: a proxy reward model of 100 pairs and one epoch, a few
+# PPO steps (tests/test_reviews.py; the tiny actor and the proxy are built once into the session's cache).
+TESTBED = [
+    "experiment=overoptimization",
+    "reward.proxy.num_pairs=100",
+    "reward.proxy.epochs=1",
+    "trainer.steps=2",
+    "trainer.eval_every=2",
+    "rollout.batch_size=8",
+    "ppo.minibatch_size=4",
+    "ppo.epochs=1",
+    "logging.wandb.mode=disabled",
+    "logging.progress_bar=false",
+]
+
+
 def wandb_inspect(run_dir: Path, *flags: str) -> list[dict]:
     """The records of the run dir's one offline W&B run (``--summary``: its state), read by ``wandb leet inspect``."""
     (offline_run,) = (run_dir / "wandb").glob("offline-run-*")

@@ -178,6 +178,20 @@ CASES = [
     (["data.overlong=cut"], "data.overlong='cut' is not allowed: one of error, filter, truncate", BUILD),
     (["reward.kind=oracle"], "reward.kind='oracle' is not allowed: one of function, model, http", BUILD),
     (["reward.clip=-1"], "reward.clip=-1.0 is not allowed", BUILD),
+    (["reward=proxy"], "reward.kind='proxy' is not allowed: reward.kind=proxy is the reviews task's learned", BUILD),
+    (
+        ["experiment=overoptimization", "model.path=/models/actor"],
+        "model.path='/models/actor' is not allowed: reward.kind=proxy learns from the tiny actor's samples",
+        BUILD,
+    ),
+    (
+        ["experiment=overoptimization", "reward.proxy.hidden_size=40"],
+        "reward.proxy.hidden_size=40 is not allowed: must be a positive multiple of 16",
+        BUILD,
+    ),
+    (["experiment=overoptimization", "reward.proxy.num_pairs=5"], "reward.proxy.num_pairs=5 is not allowed", CLI),
+    (["experiment=overoptimization", "reward.proxy.label_noise=-1"], "reward.proxy.label_noise=-1.0 is not", BUILD),
+    (["data=reviews", "data.num_eval=5000"], "data.num_eval=5000 is not allowed: must be in [1, 600]", BUILD),
     (
         ["reward=classifier", "reward.path=x", "reward.input_format=text"],
         "reward.input_format='text' is not allowed: one of pair, chat",

@@ -23,6 +23,9 @@ REQUIRED = {
     ("reward", "http"): ["reward.url=http://127.0.0.1:8000/score"],
     ("experiment", "n_implementation_details"): ["reward=classifier", "reward.path=/some/reward-model"],
     ("experiment", "ppo_max"): ["reward=classifier", "reward.path=/some/reward-model"],
+    # The reviews task's rewards are for its prompts.
+    ("reward", "proxy"): ["data=reviews"],
+    ("reward", "gold"): ["data=reviews"],
 }
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
 

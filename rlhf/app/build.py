@@ -14,11 +14,12 @@ import warnings
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from rlhf.config.schema import DataConfig
+from rlhf.app.proxy import ensure_proxy
+from rlhf.app.tasks import gold_reward_of, resolve_actor_paths
 from rlhf.core.kl import make_kl_controller
 from rlhf.data.prompts import fit_prompt_lengths, load_prompts
 from rlhf.models.critic import Critic, build_critic, shares_vocabulary
@@ -31,7 +32,6 @@ from rlhf.models.loading import (
     load_tokenizer,
     trunk_of,
 )
-from rlhf.models.tiny import ensure_tiny_actor
 from rlhf.ppo.rollout import Rollout
 from rlhf.ppo.settings import ExperienceSettings, PPOSettings
 from rlhf.ppo.trainer import PPOTrainer
@@ -40,7 +40,6 @@ from rlhf.rewards.scorers import build_reward
 from rlhf.runtime import distributed
 from rlhf.runtime.distributed import Distributed, LaunchSettings
 from rlhf.runtime.threads import ModelThreads
-from rlhf.tasks.arithmetic import exact_match_reward, solve, split_prompts
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +51,6 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds CUDA
     return torch.Generator().manual_seed(seed)
-
-
-def resolve_actor_paths(cfg: DictConfig) -> tuple[str, str]:
-    """(model path, tokenizer path): ``model.path``, or the tiny actor built on the built-in task."""
-    if cfg.model.path:
-        return cfg.model.path, cfg.model.tokenizer_path or cfg.model.path
-    # The run's own split when it trains on the task (its held-out prompts stay unseen in the warm-up
-    # too); the task's default split when the run's prompts come from elsewhere.
-    task = cfg.data if cfg.data.task == "arithmetic" else DataConfig()
-    train_prompts, eval_prompts = split_prompts(max_operand=task.max_operand, num_eval=task.num_eval, seed=task.seed)
-    tiny, answers = OmegaConf.to_object(cfg.model.tiny), [solve(p) for p in train_prompts]
-    progress = cfg.logging.progress_bar
-    model_dir, tokenizer_dir = ensure_tiny_actor(
-        tiny, cfg.model.cache_dir, train_prompts, answers, eval_prompts, exact_match_reward, progress_bar=progress
-    )
-    return str(model_dir), str(tokenizer_dir)
 
 
 def resolve_critic_init(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> str:
@@ -119,10 +102,15 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     device = dist.accelerator.device if dist.accelerator else torch.device(cfg.hardware.device)
     # 1. prompts, the actor's tokenizer, and whether prompts and responses fit the actor's context
     train_prompts, eval_prompts = load_prompts(cfg.data)
-    with dist.main_first():  # rank 0 builds the tiny actor into the cache; the others then load it
+    with dist.main_first():  # rank 0 builds the tiny actor (and proxy) into the cache; the others then load them
         model_path, tokenizer_path = resolve_actor_paths(cfg)
+        proxy_path, reward_figures = None, {}
+        if cfg.reward.kind == "proxy":
+            proxy_path, reward_figures = ensure_proxy(
+                cfg, actor_path=model_path, tokenizer_path=tokenizer_path, train_prompts=train_prompts
+            )
     # Seed here, after the one step whose use of randomness depends on the cache (building the tiny
-    # actor or finding it built): from now on the run is a function of its config alone.
+    # actor and proxy or finding them built): from now on the run is a function of its config alone.
     shuffle_generator = seed_everything(cfg.seed)
     tokenizer, train_prompts, eval_prompts = fitted_tokenizer(
         cfg,
@@ -133,7 +121,7 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     )
     critic_init = resolve_critic_init(cfg, tokenizer)
     # 2. reward, then the models: actor, frozen reference, critic
-    reward = build_reward(cfg.reward, device)
+    reward = build_reward(cfg.reward, device, path=proxy_path)
     actor, reference, critic = build_models(cfg, model_path, tokenizer, critic_init, device)
     # With FSDP each rank keeps its shard of the trained models (before optimizers are built on them).
     dist.shard_parameters(actor)
@@ -152,6 +140,8 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
         tokenizer=tokenizer,
         dist=dist,
         threads=ModelThreads(parallel=cfg.hardware.parallel_models, num_threads=cfg.hardware.num_threads),
+        gold=gold_reward_of(cfg),
+        reward_figures=reward_figures,
     )
     return ppo_trainer(cfg, rollout, shuffle_generator), train_prompts, eval_prompts
 

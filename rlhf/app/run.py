@@ -46,6 +46,7 @@ def evaluate(trainer: PPOTrainer, prompts: list[str]) -> dict[str, float]:
     where = f"held-out evaluation after step {trainer.steps_done}"  # for the error of a non-finite score
     samples = rollout.generate(prompts, do_sample=True)
     sampled = torch.tensor(dist.gather_objects(rollout.score(samples, where=where).tolist()))
+    gold = dist.gather_objects(rollout.gold(samples.prompts, samples.responses)) if rollout.gold else []
     was_training = trainer.actor.training
     trainer.actor.eval()  # as for the rollout's log-probs: no (LoRA) dropout
     logprobs, ref_logprobs = rollout.policy_logprobs(samples)  # (b, A) each
@@ -59,6 +60,7 @@ def evaluate(trainer: PPOTrainer, prompts: list[str]) -> dict[str, float]:
         "eval/score": sampled[sampled.isfinite()].mean().item(),
         "eval/score_greedy": greedy[greedy.isfinite()].mean().item(),
         "eval/kl": kl.mean().item(),
+        **({"eval/gold_score": sum(gold) / len(gold)} if gold else {}),
     }
 
 
@@ -171,8 +173,8 @@ def ppo_loop(
     every step's metrics from step 0. Each step is logged before its checkpoint is written, so that
     a run resumed from a checkpoint never misses a logged step."""
     history = tracker.history()  # steps 0..checkpoint of a resumed run; none of a fresh one
-    if not history:
-        history.append(evaluate(trainer, eval_prompts))
+    if not history:  # step 0: the initial policy, and what the reward's build measured (the proxy's accuracy)
+        history.append({**evaluate(trainer, eval_prompts), **trainer.rollout.reward_figures})
         tracker.log(history[0], step=0)
     steps = cfg.trainer.steps
     quiet = not cfg.logging.progress_bar or shares_console()  # joblib jobs' bars would overwrite each other

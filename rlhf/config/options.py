@@ -32,7 +32,7 @@ DType = _options("DType", "float32", "bfloat16", "float16")
 CriticInit = _options("CriticInit", "actor", "reward_model", "path")
 
 # reward.kind: how responses are scored (a Python callable, a sequence classifier, an HTTP endpoint).
-RewardKind = _options("RewardKind", "function", "model", "http")
+RewardKind = _options("RewardKind", "function", "model", "http", "proxy")
 
 # reward.input_format: how a reward model reads (prompt, response).
 InputFormat = _options("InputFormat", "pair", "chat")
@@ -60,8 +60,8 @@ DistributedKind = _options("DistributedKind", "none", "ddp", "fsdp", "deepspeed"
 # hardware.zero_stage: the DeepSpeed ZeRO stages rlhf builds engines for.
 ZERO_STAGES = (2, 3)
 
-# data.task: the built-in arithmetic prompts or prompts from a dataset.
-DataTask = _options("DataTask", "arithmetic", "dataset")
+# data.task: a built-in task's prompts (arithmetic, reviews) or prompts from a dataset.
+DataTask = _options("DataTask", "arithmetic", "reviews", "dataset")
 
 # data.overlong: what happens to prompts over data.max_prompt_length.
 OverlongPolicy = _options("OverlongPolicy", "error", "filter", "truncate")

@@ -1,6 +1,6 @@
-"""Typed schema of a run, registered in Hydra's ConfigStore: the one home of every key's default (the
-YAML presets in conf/ state only what they change). The names a ``str`` field takes are the enums of
-``rlhf.config.options``."""
+"""Typed schema of a run, registered in Hydra's ConfigStore: with ``rlhf.config.nested`` (model.tiny,
+model.lora, reward.proxy, logging.wandb), the one home of every key's default (the YAML presets in conf/
+state only what they change). The names a ``str`` field takes are the enums of ``rlhf.config.options``."""
 
 from __future__ import annotations
 
@@ -10,51 +10,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from rlhf.config.nested import LoraConfig, ProxyConfig, TinyModelConfig, WandbConfig
 from rlhf.config.options import DistributedKind
-
-
-@dataclass
-class TinyModelConfig:
-    """Architecture and supervised warm-up of the built-in tiny actor (used when ``model.path`` is null)."""
-
-    # Qwen2 architecture of the tiny actor.
-    hidden_size: int = 64
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    intermediate_size: int = 128
-    # Supervised warm-up: it stops at the first check where held-out greedy accuracy reaches this share.
-    warmup_target_accuracy: float = 0.9
-    # Label smoothing of the warm-up: the model learns the answers as its mode but samples diffusely,
-    # so the reference is partly right when sampled (about (1 - smoothing) per token).
-    warmup_label_smoothing: float = 0.3
-    # Upper bound on warm-up optimizer steps.
-    warmup_max_steps: int = 2000
-    # Warm-up batch size and learning rate.
-    warmup_batch_size: int = 64
-    warmup_lr: float = 3e-3
-    # Held-out accuracy is checked every this many warm-up steps.
-    warmup_eval_every: int = 25
-    # Seed of the model's initialisation and warm-up.
-    seed: int = 0
-
-
-@dataclass
-class LoraConfig:
-    """LoRA adapters on the actor (peft): only adapters and the value head train."""
-
-    # Train LoRA adapters instead of all weights; the reference is the actor with adapters disabled.
-    enabled: bool = False
-    # Adapter rank.
-    r: int = 8
-    # Adapter scaling numerator (scale = alpha / r).
-    alpha: float = 16.0
-    # Dropout on the adapter input (keep 0: PPO needs the same forward at sampling and update time).
-    dropout: float = 0.0
-    # Module names that get adapters.
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
 
 
 @dataclass
@@ -91,7 +48,8 @@ class RewardConfig:
 
     # "function": a Python callable (prompts, responses) -> scores from ``fn``;
     # "model": a Hugging Face sequence classifier at ``path`` with its own tokenizer;
-    # "http": POST {"prompts", "responses"} as JSON to ``url``, answered by {"scores"}.
+    # "http": POST {"prompts", "responses"} as JSON to ``url``, answered by {"scores"};
+    # "proxy": the reviews task's proxy reward model, built as ``proxy`` says (data.task=reviews).
     kind: str = "function"
     # Hydra node of the reward callable, e.g. {_target_: pkg.mod.fn, _partial_: true}.
     fn: Any = None
@@ -127,6 +85,8 @@ class RewardConfig:
     on_nonfinite: str = "error"
     # Score given instead when a response hits max_new_tokens without EOS; null = keep the score.
     missing_eos_penalty: float | None = None
+    # kind=proxy: how the proxy reward model is built.
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
 
 
 @dataclass
@@ -206,9 +166,11 @@ class HardwareConfig:
 class DataConfig:
     """Prompts."""
 
-    # "arithmetic" (the built-in task) or "dataset" (prompts from files or a hub dataset).
+    # "arithmetic" (the built-in task), "reviews" (the built-in task with a hidden gold reward: first
+    # sentences of generated reviews) or "dataset" (prompts from files or a hub dataset).
     task: str = "arithmetic"
-    # arithmetic: operands are drawn from 0..max_operand (the tiny actor is always built on this task).
+    # arithmetic: operands are drawn from 0..max_operand (the tiny actor is built on this task unless
+    # data.task=reviews).
     max_operand: int = 29
     # Prompts held out for evaluation (never trained on), unless eval_path is set.
     num_eval: int = 128
@@ -264,24 +226,6 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     # Optimizer steps with a non-finite loss or gradient are skipped; this many in a row stop the run.
     max_consecutive_skips: int = 10
-
-
-@dataclass
-class WandbConfig:
-    """Weights & Biases."""
-
-    # online, offline or disabled; null = online if an API key is configured, else offline.
-    mode: str | None = None
-    # W&B project.
-    project: str = "rlhf"
-    # W&B entity (team or user); null = your default.
-    entity: str | None = None
-    # Run group; null = the Hydra sweep dir for multirun jobs, none for single runs.
-    group: str | None = None
-    # Run name; null = the command-line overrides (or "default").
-    name: str | None = None
-    # Run tags.
-    tags: list[str] = field(default_factory=list)
 
 
 @dataclass

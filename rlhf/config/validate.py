@@ -27,6 +27,7 @@ VALIDATORS = (
     groups.validate_model,
     groups.validate_lora,
     groups.validate_reward_source,
+    groups.validate_proxy,
     groups.validate_reward_scaling,
     groups.validate_reward_model,
     groups.validate_kl,

@@ -30,6 +30,10 @@ from rlhf.config.options import (
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
+# The reviews task has at least this many distinct prompts (its first sentences; tests/test_reviews.py
+# checks it): half of them may be held out.
+REVIEW_PROMPTS = 1200
+
 
 def validate_seed(cfg: Any) -> None:
     # NumPy's global seed (rlhf.app.build.seed_everything) takes only these.
@@ -50,7 +54,8 @@ def validate_tiny(cfg: Any) -> None:
     non_negative("model.tiny.warmup_max_steps", tiny.warmup_max_steps)
     unit_interval("model.tiny.warmup_target_accuracy", tiny.warmup_target_accuracy)
     smoothing = tiny.warmup_label_smoothing
-    check(0 <= smoothing < 1, "model.tiny.warmup_label_smoothing", smoothing, "must be in [0, 1)")
+    in_range = smoothing is None or 0 <= smoothing < 1
+    check(in_range, "model.tiny.warmup_label_smoothing", smoothing, "must be null or in [0, 1)")
     heads, kv_heads = tiny.num_attention_heads, tiny.num_key_value_heads
     multiple = f"must be a multiple of model.tiny.num_attention_heads={heads}"
     check(tiny.hidden_size % heads == 0, "model.tiny.hidden_size", tiny.hidden_size, multiple)
@@ -110,11 +115,33 @@ def validate_reward_source(cfg: Any) -> None:
         check(reward.fn is not None, "reward.fn", reward.fn, needs)
     elif reward.kind == RewardKind.model:
         check(bool(reward.path), "reward.path", reward.path, "reward.kind=model needs a hub id or folder")
+    elif reward.kind == RewardKind.proxy:
+        needs = "reward.kind=proxy is the reviews task's learned reward: needs data.task=reviews"
+        check(cfg.data.task == DataTask.reviews, "reward.kind", reward.kind, needs)
+        tiny = "reward.kind=proxy learns from the tiny actor's samples: needs model.path=null"
+        check(cfg.model.path is None, "model.path", cfg.model.path, tiny)
     else:
         url_ok = bool(reward.url) and reward.url.startswith(("http://", "https://"))
         check(url_ok, "reward.url", reward.url, "reward.kind=http needs an http:// or https:// URL")
     positive("reward.timeout", reward.timeout)
     non_negative("reward.retries", reward.retries)
+
+
+def validate_proxy(cfg: Any) -> None:
+    """The proxy reward model's build (reward.kind=proxy)."""
+    proxy = cfg.reward.proxy
+    in_range = 20 <= proxy.num_pairs <= 100_000
+    check(in_range, "reward.proxy.num_pairs", proxy.num_pairs, "must be in [20, 100000] (a tenth is held out)")
+    non_negative("reward.proxy.label_noise", proxy.label_noise)
+    check(
+        proxy.hidden_size > 0 and proxy.hidden_size % 16 == 0,
+        "reward.proxy.hidden_size",
+        proxy.hidden_size,
+        "must be a positive multiple of 16 (16 dimensions per attention head)",
+    )
+    for name in ("num_layers", "epochs", "lr", "batch_size"):
+        positive(f"reward.proxy.{name}", getattr(proxy, name))
+    check(0 <= proxy.seed <= 2**32 - 1, "reward.proxy.seed", proxy.seed, "must be in [0, 2**32 - 1]")
 
 
 def validate_reward_scaling(cfg: Any) -> None:
@@ -245,6 +272,11 @@ def validate_data(cfg: Any) -> None:
         num_pairs = (data.max_operand + 1) ** 2
         distinct = f"must be in [1, {num_pairs - 1}] (the built-in task has {num_pairs} distinct prompts)"
         check(0 < data.num_eval < num_pairs, "data.num_eval", data.num_eval, distinct)
+    elif data.task == DataTask.reviews:
+        limit = REVIEW_PROMPTS // 2
+        check(
+            0 < data.num_eval <= limit, "data.num_eval", data.num_eval, f"must be in [1, {limit}] on the reviews task"
+        )
     else:
         _check_data_files(data)
         positive("data.num_eval", data.num_eval)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rlhf.config.errors import InputError
-from rlhf.tasks import arithmetic
+from rlhf.tasks import arithmetic, reviews
 
 if TYPE_CHECKING:  # reading prompts needs neither torch nor transformers: it runs before they are imported
     from transformers import PreTrainedTokenizerBase
@@ -62,8 +62,10 @@ def load_prompts(data) -> tuple[list[str], list[str]]:
     """(train prompts, held-out prompts) as the ``data`` config says; ``InputError`` names what is wrong."""
     if data.task == "arithmetic":
         return arithmetic.split_prompts(max_operand=data.max_operand, num_eval=data.num_eval, seed=data.seed)
+    if data.task == "reviews":
+        return reviews.split_prompts(num_eval=data.num_eval, seed=data.seed)
     if data.task != "dataset":
-        raise ValueError(f"data.task={data.task!r}: expected 'arithmetic' or 'dataset'")
+        raise ValueError(f"data.task={data.task!r}: expected 'arithmetic', 'reviews' or 'dataset'")
     prompts = read_prompt_column(data.path, prompt_key=data.prompt_key, split=data.split, cache_dir=data.cache_dir)
     if data.eval_path:
         return prompts, read_prompt_column(

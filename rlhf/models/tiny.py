@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -50,14 +50,19 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable ASCII character, plus distinct pad/bos/eos/unk and chat-role tokens."""
+def build_tokenizer(words: Sequence[str] | None = None) -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character, plus distinct pad/bos/eos/unk and chat-role tokens,
+    with a chat template. With ``words``: one token per word instead (text split at whitespace, decoded
+    joined by spaces) and no chat template, for a task whose prompts are the beginnings of texts."""
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    for char in string.printable[:95]:  # digits, letters, punctuation, space
-        vocab.setdefault(char, len(vocab))
+    for token in words if words is not None else string.printable[:95]:  # digits, letters, punctuation, space
+        vocab.setdefault(token, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
+    if words is None:
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        backend.decoder = decoders.Fuse()
+    else:
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
@@ -67,7 +72,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         additional_special_tokens=["<|user|>", "<|assistant|>"],
         padding_side="left",
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    if words is None:
+        tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
@@ -161,26 +167,29 @@ def warm_up(
     reward_fn: Callable[[list[str], list[str]], list[float]],
     max_prompt_length: int,
     *,
+    judge_sampled: bool = False,
     progress_bar: bool = True,
 ) -> tuple[float, float]:
-    """Supervised steps with label smoothing until held-out greedy accuracy reaches the target.
+    """Supervised steps with label smoothing until held-out accuracy reaches the target: of greedy
+    responses, or of sampled ones (temperature 1) with ``judge_sampled``.
 
-    Returns (greedy, sampled at temperature 1) held-out accuracy at the end. Generation is sized by
-    the longest answer, so the build does not depend on the run's rollout settings. Progress shows
-    as one bar (``progress_bar``), the result as one log line.
+    Returns (greedy, sampled) held-out accuracy at the end. Generation is sized by the longest answer,
+    so the build does not depend on the run's rollout settings. Progress shows as one bar
+    (``progress_bar``), the result as one log line.
     """
     max_new_tokens = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in train_answers) + 1
+    sizes = {"max_new_tokens": max_new_tokens, "max_prompt_length": max_prompt_length}
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr)
     generator = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(total=cfg.warmup_max_steps, desc="building the tiny actor", disable=not progress_bar, leave=False)
     for step in range(cfg.warmup_max_steps + 1):
         if step % cfg.warmup_eval_every == 0 or step == cfg.warmup_max_steps:
-            sizes = {"max_new_tokens": max_new_tokens, "max_prompt_length": max_prompt_length}
-            greedy = accuracy(model, tokenizer, eval_prompts, reward_fn, **sizes, do_sample=False)
-            bar.set_postfix(greedy_accuracy=f"{greedy:.3f}", target=cfg.warmup_target_accuracy)
-            if greedy >= cfg.warmup_target_accuracy or step == cfg.warmup_max_steps:
+            judged = accuracy(model, tokenizer, eval_prompts, reward_fn, **sizes, do_sample=judge_sampled)
+            bar.set_postfix(accuracy=f"{judged:.3f}", target=cfg.warmup_target_accuracy)
+            if judged >= cfg.warmup_target_accuracy or step == cfg.warmup_max_steps:
                 bar.close()
-                sampled = accuracy(model, tokenizer, eval_prompts, reward_fn, **sizes, do_sample=True)
+                other = accuracy(model, tokenizer, eval_prompts, reward_fn, **sizes, do_sample=not judge_sampled)
+                greedy, sampled = (other, judged) if judge_sampled else (judged, other)
                 log.info(
                     "tiny actor built in %d warm-up steps: held-out accuracy %.3f greedy, %.3f sampled",
                     *(step, greedy, sampled),
@@ -214,42 +223,45 @@ def ensure_tiny_actor(
     eval_prompts: list[str],
     reward_fn: Callable[[list[str], list[str]], list[float]],
     *,
+    vocabulary: Sequence[str] | None = None,
     progress_bar: bool = True,
 ) -> tuple[Path, Path]:
     """Build (or find in the cache) the tiny actor; returns (model folder, tokenizer folder).
-    ``progress_bar``: show the warm-up's progress bar (``logging.progress_bar``).
+    ``vocabulary``: one token per word of it (see ``build_tokenizer``), a language model of the texts
+    whose warm-up target is met by sampled responses; ``progress_bar``: show the warm-up's progress bar
+    (``logging.progress_bar``).
 
     The tokenizer gets its own folder: next to a Qwen2 config.json, AutoTokenizer would load it as
     a Qwen2Tokenizer with different ids.
     """
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    key = cache_key(cfg, train=train_prompts, eval=eval_prompts)
+    words = {} if vocabulary is None else {"vocabulary": list(vocabulary), "answers": train_answers}
+    key = cache_key(cfg, train=train_prompts, eval=eval_prompts, **words)
     target = root / f"tiny-{key}"
     if (target / "done").exists():
         return target / "model", target / "tokenizer"
     staging = root / f".tiny-{key}.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(vocabulary)
     tokenizer.save_pretrained(staging / "tokenizer")
     tokenizer = load_tokenizer(str(staging / "tokenizer"))  # size the model by the tokenizer as reloaded
     model = build_model(cfg, len(tokenizer), tokenizer)
+    task = (train_prompts, train_answers, eval_prompts, reward_fn, WARMUP_MAX_PROMPT_LENGTH)
     greedy, sampled = warm_up(
-        model,
-        tokenizer,
-        cfg,
-        train_prompts,
-        train_answers,
-        eval_prompts,
-        reward_fn,
-        WARMUP_MAX_PROMPT_LENGTH,
-        progress_bar=progress_bar,
+        model, tokenizer, cfg, *task, judge_sampled=vocabulary is not None, progress_bar=progress_bar
     )
     model.save_pretrained(staging / "model")
     (staging / "done").write_text(
         json.dumps({"held_out_greedy_accuracy": greedy, "held_out_sampled_accuracy": sampled})
     )
-    if target.exists():  # another process finished the same build first
+    publish(staging, target)
+    return target / "model", target / "tokenizer"
+
+
+def publish(staging: Path, target: Path) -> None:
+    """A finished build in ``staging`` becomes the cache entry ``target`` (at once, by a rename), unless
+    another process finished the same build first."""
+    if target.exists():
         shutil.rmtree(staging, ignore_errors=True)
     else:
         staging.rename(target)
-    return target / "model", target / "tokenizer"

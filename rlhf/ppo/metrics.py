@@ -85,6 +85,20 @@ def score_metrics(*, raw_scores: torch.Tensor, scores: torch.Tensor, finite: tor
     }
 
 
+def gold_metrics(*, gold_scores: torch.Tensor, raw_scores: torch.Tensor) -> dict[str, float]:
+    """The task's gold reward of a rollout ((B,) ``gold_scores``) beside the reward trained on ((B,)
+    ``raw_scores``): the gold's mean and std, and the Pearson correlation of the two over the samples
+    with a finite score (NaN when either is constant)."""
+    finite = raw_scores.isfinite()
+    gold, raw = gold_scores[finite].double(), raw_scores[finite].double()
+    corr = torch.corrcoef(torch.stack([gold, raw]))[0, 1].item() if len(gold) > 1 else math.nan
+    return {
+        "objective/gold_scores": gold_scores.mean().item(),
+        "objective/gold_scores_std": gold_scores.std().item() if len(gold_scores) > 1 else 0.0,
+        "objective/proxy_gold_corr": corr,
+    }
+
+
 def value_metrics(*, values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """The critic's (B, A) values against the (B, A) returns over action tokens: explained variance,
     the two variances it is made of (pooled over rollouts by ``health/explained_var``) and the means."""

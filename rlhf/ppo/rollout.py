@@ -75,9 +75,14 @@ class Rollout:
         settings: PPOSettings,
         dist: Distributed,
         threads: ModelThreads,
+        gold: Callable[[list[str], list[str]], list[float]] | None = None,
+        reward_figures: dict[str, float] | None = None,
     ):
         self.actor, self.reference, self.critic, self.reward = actor, reference, critic, reward
         self.tokenizer, self.settings, self.dist, self.threads = tokenizer, settings, dist, threads
+        # The task's gold reward, reported beside the reward (objective/gold_scores), never trained on;
+        # and what the reward's build measured (the proxy's accuracies), logged once at step 0.
+        self.gold, self.reward_figures = gold, dict(reward_figures or {})
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(device=self.settings.device, dtype=self.settings.autocast_dtype)

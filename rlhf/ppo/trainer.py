@@ -13,7 +13,7 @@ import torch
 
 from rlhf.core.types import Experience, Samples
 from rlhf.ppo.experience import make_experience, training_scores
-from rlhf.ppo.metrics import rollout_metrics, score_metrics
+from rlhf.ppo.metrics import gold_metrics, rollout_metrics, score_metrics
 from rlhf.ppo.rollout import Rollout
 from rlhf.ppo.settings import KLController, PPOSettings
 from rlhf.ppo.update import Learner, SkipCounter, parameters_of, policy_objective, shared_objective, value_objective
@@ -92,6 +92,9 @@ class PPOTrainer:
         # 6. metrics
         metrics = rollout_metrics(samples, exp, kl_coef)
         metrics.update(score_metrics(raw_scores=raw_scores, scores=exp.scores, finite=torch.isfinite(raw_scores)))
+        if self.rollout.gold is not None:  # the task's gold reward, never trained on
+            gold = torch.tensor(self.rollout.gold(samples.prompts, samples.responses), dtype=torch.float32)
+            metrics.update(gold_metrics(gold_scores=gold, raw_scores=raw_scores.float().cpu()))
         metrics.update(update_stats)
         metrics.update(lr_metrics)
         metrics["objective/kl_coef_next"] = self.kl_controller.value

@@ -165,13 +165,16 @@ class HTTPReward:
         return [float(score) for score in scores]
 
 
-def build_reward(reward, device: torch.device) -> FunctionReward | ClassifierReward | HTTPReward:
-    """The reward of a run from the ``reward`` config group."""
+def build_reward(
+    reward, device: torch.device, *, path: str | None = None
+) -> FunctionReward | ClassifierReward | HTTPReward:
+    """The reward of a run from the ``reward`` config group; ``path``: the folder of a reward model built
+    for the run (kind=proxy)."""
     if reward.kind == "function":
         return FunctionReward(hydra.utils.instantiate(reward.fn))
-    if reward.kind == "model":
+    if reward.kind in ("model", "proxy"):
         return ClassifierReward(
-            reward.path,
+            path or reward.path,
             max_length=reward.max_length,
             batch_size=reward.batch_size,
             device=device,
@@ -186,4 +189,4 @@ def build_reward(reward, device: torch.device) -> FunctionReward | ClassifierRew
             batch_size=reward.batch_size,
             headers=dict(reward.headers),
         )
-    raise ValueError(f"reward.kind={reward.kind!r}: expected 'function', 'model' or 'http'")
+    raise ValueError(f"reward.kind={reward.kind!r}: expected 'function', 'model', 'proxy' or 'http'")
