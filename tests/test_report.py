@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf.analysis.overoptimization import gold_curve, setting
+from rlhf.analysis.overoptimization import describe_rm, gold_curve, setting
 from rlhf.analysis.runs import Run
 from rlhf.report import MIN_SPAN, ema, filter_runs, load_runs, pad_limits, short_override, table_rows
 from rlhf.report import main as report_main
@@ -258,3 +258,10 @@ def test_notebook_draws_the_overoptimization_figure_for_gold_runs_only(gold, gol
         assert "image/png" in kinds and "final gold" in cell.outputs[0]["data"]["text/html"], kinds
     else:
         assert "image/png" not in kinds and text.startswith("No run logged objective/gold_scores"), text
+
+
+def test_the_proxy_rm_accuracy_is_named_or_averaged():
+    one = describe_rm([(2000, 0.8, 0.75), (2000, 0.8, 0.75)])  # two seeds sharing one cached RM
+    assert one == "proxy RM: 2000 pairs, held-out accuracy 0.800 on its noisy labels, 0.750 vs gold"
+    # An RM per seed: (0.8 + 0.7) / 2 = 0.75 on their labels, (0.75 + 0.65) / 2 = 0.7 vs gold.
+    assert describe_rm([(500, 0.8, 0.75), (500, 0.7, 0.65)], short=True) == "RM acc 0.750, 0.700 vs gold, mean of 2"

@@ -79,10 +79,15 @@ def rm_accuracy(run: Run) -> tuple[float, float, float] | None:
     return (row.get("proxy/num_pairs", math.nan), row["proxy/eval_accuracy"], row.get("proxy/gold_accuracy", math.nan))
 
 
-def describe_rm(accuracy: tuple[float, float, float]) -> str:
-    pairs, on_labels, on_gold = accuracy
+def describe_rm(accuracies: list[tuple[float, float, float]], *, short: bool = False) -> str:
+    """The proxy reward models' ``rm_accuracy`` in words (``short`` for a legend entry); several different
+    ones (a model per seed) averaged."""
+    pairs, on_labels, on_gold = (sum(values) / len(values) for values in zip(*accuracies, strict=True))
+    several = f", mean of {len(set(accuracies))}" if len(set(accuracies)) > 1 else ""
+    if short:
+        return f"RM acc {on_labels:.3f}, {on_gold:.3f} vs gold{several}"
     count = f"{pairs:.0f} pairs, " if math.isfinite(pairs) else ""
-    return f"proxy RM: {count}held-out accuracy {on_labels:.3f} on its noisy labels, {on_gold:.3f} vs the gold order"
+    return f"proxy RM{several}: {count}held-out accuracy {on_labels:.3f} on its noisy labels, {on_gold:.3f} vs gold"
 
 
 def final_and_peak(run: Run) -> tuple[tuple[float, float], tuple[float, float]] | None:
@@ -106,15 +111,14 @@ def overoptimization_figure(runs: list[Run], *, smooth: float = DEFAULT_SMOOTH):
         name: plt.get_cmap("tab10" if len(settings) <= 10 else "tab20")(i % 20) for i, name in enumerate(settings)
     }
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    accuracies = {acc for run in runs if (acc := rm_accuracy(run))}
+    # One proxy RM for all runs: its accuracy in the title; several (a sweep over N): in each setting's label.
+    shared = len({rm_accuracy(run) for run in runs if not is_ceiling(run)}) <= 1
     labels = []
     for name in settings:
         group = [run for run in runs if setting(run) == name]
         _draw_curves(left, group, color=colors[name], smooth=smooth)
         _draw_frontier(right, group, color=colors[name])
-        own = {acc for run in group if (acc := rm_accuracy(run))}
-        extra = f" ({describe_rm(own.pop())})" if len(accuracies) > 1 and len(own) == 1 else ""
-        labels.append(f"{name}{' (ceiling: trained on the gold)' if all(map(is_ceiling, group)) else ''}{extra}")
+        labels.append(_label(name, group, with_rm=not shared))
     handles = [Line2D([], [], color=colors[name], linewidth=2) for name in settings]
     handles += [Line2D([], [], color="black", linestyle="--"), Line2D([], [], color="black")]
     labels += ["proxy score (left)", "gold score (left)"]
@@ -124,13 +128,20 @@ def overoptimization_figure(runs: list[Run], *, smooth: float = DEFAULT_SMOOTH):
         handles.append(right.axhline(sum(initial) / len(initial), color="grey", linestyle=":", linewidth=1.2))
         labels.append("initial policy (right)")
     _style_axes(left, right, smooth=smooth)
-    title = "Reward-model over-optimisation"
-    if len(accuracies) == 1:
-        title += f" ({describe_rm(next(iter(accuracies)))})"
+    accuracies = [acc for run in runs if (acc := rm_accuracy(run))]
+    title = f"Reward-model over-optimisation{f' ({describe_rm(accuracies)})' if shared and accuracies else ''}"
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()  # before the legend, which goes right of the axes (as save_figure places it)
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     return fig
+
+
+def _label(name: str, group: list[Run], *, with_rm: bool) -> str:
+    """A setting's legend entry: its overrides, the ceiling's mark, and its proxy RM's accuracy if asked."""
+    if all(map(is_ceiling, group)):
+        return f"{name} (ceiling: trained on the gold)"
+    accuracies = [acc for run in group if (acc := rm_accuracy(run))]
+    return f"{name} ({describe_rm(accuracies, short=True)})" if with_rm and accuracies else name
 
 
 def _draw_curves(ax, group: list[Run], *, color: tuple, smooth: float) -> None:  # noqa: ANN001 - an Axes
