@@ -15,25 +15,49 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rlhf.analysis.overoptimization import plot_overoptimization
-from rlhf.analysis.plots import DEFAULT_SMOOTH, MIN_SPAN, ema, pad_limits, plot
-from rlhf.analysis.runs import Run, filter_runs, has_gold, is_run_dir, load_runs, short_override
+from rlhf.analysis.overoptimization import gold_curve, overoptimization_figure, plot_overoptimization
+from rlhf.analysis.plots import DEFAULT_SMOOTH, MIN_SPAN, ema, pad_limits, plot, reward_label
+from rlhf.analysis.runs import (
+    NAME_DIGITS,
+    Run,
+    filter_runs,
+    find_runs,
+    flatten,
+    has_gold,
+    is_run_dir,
+    load_run,
+    load_runs,
+    name_by_differences,
+    short_override,
+)
 from rlhf.analysis.table import COLUMNS, GOLD_COLUMNS, format_table, table_rows
 
-# The names tests/, notebooks/compare_runs.ipynb and users import from the report.
+# What the report offered before rlhf/analysis existed, and the gold figure: tests/, notebooks/compare_runs.ipynb
+# and users import these from here.
 __all__ = [
     "COLUMNS",
     "DEFAULT_SMOOTH",
-    "GOLD_COLUMNS",
-    "MIN_SPAN",
-    "Run",
     "ema",
     "filter_runs",
+    "find_runs",
+    "flatten",
     "format_table",
+    "GOLD_COLUMNS",
+    "gold_curve",
     "has_gold",
+    "is_run_dir",
+    "load_run",
     "load_runs",
     "main",
+    "MIN_SPAN",
+    "name_by_differences",
+    "NAME_DIGITS",
+    "overoptimization_figure",
     "pad_limits",
+    "plot",
+    "plot_overoptimization",
+    "reward_label",
+    "Run",
     "short_override",
     "table_rows",
 ]
