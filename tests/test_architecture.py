@@ -28,6 +28,7 @@ RANKS = {
     "rewards": 2,  # reward functions, models and endpoints, and their post-processing
     "data": 2,  # prompt sources
     "ppo": 3,  # the experience, the PPO step and update, its metrics (rewards.normalize checks scores)
+    "analysis": 3,  # the report's library: run dirs read back (runtime's jsonl and status), tables, figures
     "app": 4,  # the composition root (build), the run loop and the Hydra job
 }
 # Top-level command-line entries (python -m rlhf.report / rlhf.generate / rlhf.reward_model): may import any
