@@ -97,9 +97,43 @@ def test_the_tiny_classifier_has_its_own_tokenizer_without_unknown_pieces(tmp_pa
     assert model.config.model_type == "deberta-v2" and model.config.num_labels == 1
 
 
+def test_rescale_multiplies_the_classifier_scores(tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf.app.proxy import rescale
+    from rlhf.models.tiny_classifier import save_tiny_classifier
+
+    texts = [f"{p} {c}" for p, c in reviews.make_corpus(num_reviews=200, seed=0)]
+    folder = save_tiny_classifier(tmp_path / "rm", texts=texts, hidden_size=32, num_layers=1, vocab_size=120, seed=0)
+
+    def scores() -> torch.Tensor:
+        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        encoded = AutoTokenizer.from_pretrained(folder)(texts[:6], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            return model(**encoded).logits[:, 0]
+
+    before = scores()
+    rescale(folder, 0.25)
+    torch.testing.assert_close(scores(), 0.25 * before)
+
+
+def test_arithmetic_runs_log_no_gold(cli_run):
+    run_dir, result = cli_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not any(
+        key.startswith(("objective/gold", "eval/gold", "proxy/"))
+        for row in metrics_by_step(run_dir).values()
+        for key in row
+    )
+    assert "gold" not in result.stdout
+
+
 def test_a_testbed_run_logs_the_gold_beside_the_proxy(testbed_run, tiny_cache):
     run_dir, result = testbed_run
     assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "status.json").read_text())["summary"]
+    assert f"held-out gold score: {summary['initial/eval_gold_score']:.3f} -> " in result.stdout
+    assert "held-out gold" in result.stdout + result.stderr  # the evaluation's log line
     rows = metrics_by_step(run_dir)
     assert rows[0]["proxy/num_pairs"] == 100
     assert 0 <= rows[0]["proxy/eval_accuracy"] <= 1 and 0 <= rows[0]["proxy/gold_accuracy"] <= 1

@@ -4,7 +4,7 @@
 2. the hidden gold reward labels each pair with Bradley-Terry noise (``reward.proxy.label_noise``);
 3. a tiny DeBERTa-v2 classifier with its own sentencepiece tokenizer (``rlhf.models.tiny_classifier``)
    learns the pairs with the reward-model stage (``rlhf.app.reward_model_loop``), a tenth held out,
-   its scores centred;
+   its scores centred, then scaled to the gold's units (``rescale``);
 4. its held-out accuracy on the noisy labels and against the noise-free gold ordering is kept.
 
 The folder ``<cache>/proxy-<hash>/`` holds ``pairs.jsonl``, the stage's ``metrics.jsonl``, ``model/``
@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf.app.reward_model_loop import evaluate, train_reward_model
+from rlhf.app.reward_model_loop import evaluate, save_folder, score_head, train_reward_model
 from rlhf.config.reward_model_schema import PairDataConfig, RewardModelModelConfig, RewardModelTrainConfig
 from rlhf.config.schema import LoggingConfig, ProxyConfig, WandbConfig
 from rlhf.data.pairs import Pair, split_pairs
@@ -38,7 +38,7 @@ from rlhf.tasks import reviews
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = 1  # bump when the build changes, so old caches are not reused
+BUILD_VERSION = 2  # bump when the build changes, so old caches are not reused
 PAIRS_FILE, INFO_FILE = "pairs.jsonl", "proxy.json"
 EVAL_FRACTION = 0.1
 MAX_LENGTH = 96  # the classifier's input bound: a prompt and its response are about 40 pieces
@@ -94,6 +94,8 @@ def build_proxy(
     rm_cfg = stage_config(cfg, proxy, folder)
     results = train_reward_model(rm_cfg, folder, train_pairs=train_pairs, eval_pairs=eval_pairs)
     shutil.rmtree(folder / "init")
+    if proxy.label_noise > 0:
+        rescale(folder / "model", proxy.label_noise)
     # 4. its figures
     info = {
         "proxy/num_pairs": len(pairs),
@@ -167,6 +169,23 @@ def stage_config(cfg: DictConfig, proxy: ProxyConfig, folder: Path) -> DictConfi
             output_dir=str(folder),
         )
     )
+
+
+def rescale(model_dir: Path, scale: float) -> None:
+    """Multiply the saved classifier's scores by ``scale`` (its score head's weight and bias).
+
+    Labels drawn with P(a over b) = sigmoid((gold(a) - gold(b)) / label_noise) teach a Bradley-Terry model
+    scores of gold / label_noise (plus a constant, removed by centering): times label_noise, the proxy
+    is in the gold's units, so proxy and gold share one axis and a kl.beta means the same against either.
+    Pair accuracies are unchanged."""
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    head = score_head(model)
+    with torch.no_grad():
+        head.weight *= scale
+        if head.bias is not None:
+            head.bias *= scale
+    save_folder(model, tokenizer, model_dir)
 
 
 def gold_accuracy(rm_cfg: DictConfig, model_dir: Path, pairs: list[Pair]) -> float:

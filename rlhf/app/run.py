@@ -213,7 +213,8 @@ def show_progress(bar: tqdm, metrics: dict[str, float], *, step: int, steps: int
     bar.set_postfix(reward=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
     if quiet and "eval/score" in metrics:
         figures = (metrics["objective/scores"], metrics["objective/kl"], metrics["eval/score"])
-        log.info("step %d/%d: reward %.3f, KL %.3f, held-out reward %.3f", step, steps, *figures)
+        gold = f", held-out gold {metrics['eval/gold_score']:.3f}" if "eval/gold_score" in metrics else ""
+        log.info("step %d/%d: reward %.3f, KL %.3f, held-out reward %.3f%s", step, steps, *figures, gold)
 
 
 def log_step(
@@ -230,8 +231,14 @@ def log_step(
 
 
 def print_summary(summary: dict[str, float], run_dir: Path) -> None:
+    gold = ""
+    if "final/eval_gold_score" in summary:
+        gold = (
+            f"held-out gold score: {summary['initial/eval_gold_score']:.3f} -> {summary['final/eval_gold_score']:.3f} "
+            f"(best {summary['best/eval_gold_score']:.3f}); "
+        )
     print(
-        f"held-out reward (sampled): {summary['initial/eval_score']:.3f} -> {summary['final/eval_score']:.3f}; "
+        f"held-out reward (sampled): {summary['initial/eval_score']:.3f} -> {summary['final/eval_score']:.3f}; {gold}"
         f"greedy: {summary['initial/eval_score_greedy']:.3f} -> {summary['final/eval_score_greedy']:.3f}; "
         f"KL to reference on the held-out prompts: {summary['final/eval_kl']:.3f} nats per response "
         f"(last training batch: {summary['final/kl']:.3f}); wall time {summary['time/total']:.1f} s; run dir {run_dir}"

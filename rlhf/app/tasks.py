@@ -1,8 +1,8 @@
 """The built-in tasks as a run uses them: the tiny actor each one builds (``resolve_actor_paths``) and the
 gold reward a run logs beside the reward it trains on (``gold_reward_of``).
 
-arithmetic: the tiny actor is warmed up on the sums until it is partly right; its gold reward is the
-exact-match reward itself. reviews: the tiny actor is a language model of the generated reviews, and
+arithmetic: the tiny actor is warmed up on the sums until it is partly right; its exact-match reward is
+the truth, so no gold is logged. reviews: the tiny actor is a language model of the generated reviews, and
 the gold reward is hidden from the run: it trains on a learned proxy of it (``reward.kind=proxy``) or,
 as the ceiling, on the gold itself (``reward=gold``).
 """
@@ -18,17 +18,16 @@ from rlhf.config.schema import DataConfig, TinyModelConfig
 from rlhf.models.tiny import ensure_tiny_actor
 from rlhf.tasks import arithmetic, reviews
 
-GOLD_REWARDS: dict[str, Callable[[list[str], list[str]], list[float]]] = {
-    "arithmetic": arithmetic.exact_match_reward,
-    "reviews": reviews.gold_reward,
-}
+# The tasks whose true reward is hidden from the run: it is logged beside the reward trained on. (On
+# arithmetic the reward function is the exact truth already.)
+GOLD_REWARDS: dict[str, Callable[[list[str], list[str]], list[float]]] = {"reviews": reviews.gold_reward}
 
 # The tiny actor's warm-up label smoothing when model.tiny.warmup_label_smoothing is null.
 LABEL_SMOOTHING = {"arithmetic": 0.3, "reviews": 0.0}
 
 
 def gold_reward_of(cfg: DictConfig) -> Callable[[list[str], list[str]], list[float]] | None:
-    """The gold reward of the run's built-in task (``objective/gold_scores``), or None for a dataset."""
+    """The hidden gold reward of the run's built-in task (``objective/gold_scores``), or None."""
     return GOLD_REWARDS.get(cfg.data.task)
 
 

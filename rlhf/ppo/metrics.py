@@ -155,5 +155,9 @@ def summarize(
         "mean/policy_clipfrac": sum(m["policy/clipfrac"] for m in history) / max(len(history), 1),
         "time/total": seconds,
     }
+    if "eval/gold_score" in initial:  # a task with a hidden gold reward (data.task=reviews)
+        summary["initial/eval_gold_score"] = initial["eval/gold_score"]
+        summary["final/eval_gold_score"] = evals[-1]["eval/gold_score"]
+        summary["best/eval_gold_score"] = max(m["eval/gold_score"] for m in evals)
     summary["objective"] = summary["final/eval_score"] - kl_weight * summary["final/eval_kl"]
     return summary
