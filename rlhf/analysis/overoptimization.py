@@ -4,8 +4,8 @@ Laws for Reward Model Overoptimization", drawn from runs that log a gold score b
 Left: per run, the proxy score it trained on (dashed) and the gold score of the same rollouts (solid)
 against sqrt(KL to the reference), per PPO step. Both are centered at the initial policy (minus the first
 logged rollout's value), as Gao et al. do: the proxy's offset is arbitrary (a Bradley-Terry model learns
-score differences only), and its differences estimate the gold's up to the label-noise temperature, so
-one axis shows where the two part. Runs that differ only by ``seed`` share a colour: thin lines per
+score differences only); its differences estimate the gold's once scaled by the label-noise temperature,
+which the proxy's build does (``rlhf.app.proxy.rescale``), so one axis shows where the two part. Runs that differ only by ``seed`` share a colour: thin lines per
 seed, a thick line for their per-step mean. Right: the held-out gold score at the last evaluation
 against the held-out KL (filled), and at the best evaluation (hollow); the ``reward=gold`` run (no
 ``proxy/*`` keys) is the ceiling (star).
@@ -175,7 +175,7 @@ def _style_axes(left, right, *, smooth: float) -> None:  # noqa: ANN001 - two Ax
     left.axhline(0.0, color="grey", linewidth=0.8)
     left.set_title(f"proxy (dashed) and gold (solid) per step{f', EMA {smooth:g}' if smooth > 0 else ''}", fontsize=10)
     left.set_xlabel("√KL to reference (√nats per response)")
-    left.set_ylabel("score − initial policy's score (proxy: RM units, gold: gold units)", fontsize=9)
+    left.set_ylabel("score − initial policy's score (gold units; the proxy is scaled to them)", fontsize=9)
     right.set_title("held-out gold vs KL: last evaluation (filled), best (hollow)", fontsize=10)
     right.set_xlabel("held-out KL to reference (nats per response)")
     right.set_ylabel("held-out gold score (gold units)")
