@@ -5,10 +5,10 @@ Left: per run, the proxy score it trained on (dashed) and the gold score of the 
 against sqrt(KL to the reference), per PPO step. Both are centered at the initial policy (minus the first
 logged rollout's value), as Gao et al. do: the proxy's offset is arbitrary (a Bradley-Terry model learns
 score differences only); its differences estimate the gold's once scaled by the label-noise temperature,
-which the proxy's build does (``rlhf.app.proxy.rescale``), so one axis shows where the two part. Runs that differ only by ``seed`` share a colour: thin lines per
-seed, a thick line for their per-step mean. Right: the held-out gold score at the last evaluation
-against the held-out KL (filled), and at the best evaluation (hollow); the ``reward=gold`` run (no
-``proxy/*`` keys) is the ceiling (star).
+which the proxy's build does (``rlhf.app.proxy.rescale``), so one axis shows where the two part. Runs that
+differ only by ``seed`` share a colour: thin lines per seed, a thick line for their per-step mean. Right:
+the held-out gold score at the last evaluation against the held-out KL (filled), and at the best
+evaluation (hollow); the ``reward=gold`` run (no ``proxy/*`` keys) is the ceiling (star).
 """
 
 from __future__ import annotations
