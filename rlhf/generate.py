@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch  # seconds: after the arguments and files are checked
 
+    from rlhf.app.proxy import run_proxy_path
     from rlhf.data.prompts import fit_prompt_lengths, load_prompts
     from rlhf.models.generation import generate
     from rlhf.rewards.normalize import checked_scores
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
             tokenizer, held_out, max_length=data.max_prompt_length, policy=data.overlong, name="held-out"
         )
         prompts = prompts[: args.num]
-    reward = build_reward(cfg.reward, torch.device("cpu"))
+    reward = build_reward(cfg.reward, torch.device("cpu"), path=run_proxy_path(cfg))
     temperature = args.temperature or cfg.rollout.temperature
     max_new_tokens = args.max_new_tokens or cfg.rollout.max_new_tokens
     samples = generate(
