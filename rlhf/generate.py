@@ -87,6 +87,10 @@ def load_policy(cfg: DictConfig, weights: Path, is_checkpoint: bool):
     hf_logging.disable_progress_bar()
     adapters = not is_checkpoint and (weights / ADAPTER_CONFIG).is_file()
     model_path, tokenizer_path = resolve_actor_paths(cfg) if is_checkpoint or adapters else (str(weights),) * 2
+    if not cfg.model.path:
+        # The built-in tiny actor's tokenizer, from its own folder: saved in model/ beside a Qwen2 config.json
+        # it comes back from AutoTokenizer as a Qwen2Tokenizer with other ids (word-level reviews are garbled).
+        tokenizer_path = resolve_actor_paths(cfg)[1]
     if adapters:
         tokenizer_path = str(weights)  # saved with the adapters, the pad token the run added included
     tokenizer = load_tokenizer(

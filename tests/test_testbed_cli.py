@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from rlhf.config.errors import ConfigError
+from rlhf.tasks import reviews
 from tests.helpers import REPO, TESTBED, compose
 
 
@@ -134,6 +135,9 @@ def test_generate_scores_a_testbed_run_with_its_proxy(built):
     header, line = result.stdout.strip().splitlines()
     assert header == "prompt\tresponse\tscore"
     prompt, response, score = line.split("\t")
+    # Read with the run's own word-level tokenizer, the tiny actor's greedy review is well-formed (not the
+    # spaceless text of the tokenizer that AutoTokenizer makes of model/ beside a Qwen2 config.json).
+    assert reviews.well_formed_rate([ast.literal_eval(prompt)], [ast.literal_eval(response)]) == [1.0], response
     model = AutoModelForSequenceClassification.from_pretrained(built["proxy"] / "model").eval()
     tokenizer = AutoTokenizer.from_pretrained(built["proxy"] / "model")
     encoded = tokenizer(ast.literal_eval(prompt), ast.literal_eval(response), return_tensors="pt")
