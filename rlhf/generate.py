@@ -87,6 +87,10 @@ def load_policy(cfg: DictConfig, weights: Path, is_checkpoint: bool):
     hf_logging.disable_progress_bar()
     adapters = not is_checkpoint and (weights / ADAPTER_CONFIG).is_file()
     model_path, tokenizer_path = resolve_actor_paths(cfg) if is_checkpoint or adapters else (str(weights),) * 2
+    if not cfg.model.path:
+        # The built-in tiny actor's tokenizer, from its own folder: saved in model/ beside a Qwen2 config.json
+        # it comes back from AutoTokenizer as a Qwen2Tokenizer with other ids (word-level reviews are garbled).
+        tokenizer_path = resolve_actor_paths(cfg)[1]
     if adapters:
         tokenizer_path = str(weights)  # saved with the adapters, the pad token the run added included
     tokenizer = load_tokenizer(
@@ -117,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch  # seconds: after the arguments and files are checked
 
+    from rlhf.app.proxy import run_proxy_path
     from rlhf.data.prompts import fit_prompt_lengths, load_prompts
     from rlhf.models.generation import generate
     from rlhf.rewards.normalize import checked_scores
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
             tokenizer, held_out, max_length=data.max_prompt_length, policy=data.overlong, name="held-out"
         )
         prompts = prompts[: args.num]
-    reward = build_reward(cfg.reward, torch.device("cpu"))
+    reward = build_reward(cfg.reward, torch.device("cpu"), path=run_proxy_path(cfg))
     temperature = args.temperature or cfg.rollout.temperature
     max_new_tokens = args.max_new_tokens or cfg.rollout.max_new_tokens
     samples = generate(

@@ -192,6 +192,15 @@ CASES = [
     (["experiment=overoptimization", "reward.proxy.num_pairs=5"], "reward.proxy.num_pairs=5 is not allowed", CLI),
     (["experiment=overoptimization", "reward.proxy.label_noise=-1"], "reward.proxy.label_noise=-1.0 is not", BUILD),
     (["data=reviews", "data.num_eval=5000"], "data.num_eval=5000 is not allowed: must be in [1, 600]", BUILD),
+    # the testbed's gold scores reviews: on arithmetic prompts every score would be a silent -1
+    (["reward=gold"], "reward.fn._target_='rlhf.tasks.reviews.gold_reward' is not allowed: reward=gold is", BUILD),
+    # shorter than the shortest sentence: every response that writes anything is cut (data=reviews alone
+    # keeps the arithmetic task's 4 new tokens)
+    (["data=reviews", "reward=gold"], "rollout.max_new_tokens=4 is not allowed: must be >= 6 on the reviews", BUILD),
+    # sizes of the proxy reward model three zeros too large: memory exhausted, or hours of building
+    (["experiment=overoptimization", "reward.proxy.hidden_size=100000"], "reward.proxy.hidden_size=100000", BUILD),
+    (["experiment=overoptimization", "reward.proxy.num_layers=1000"], "must be <= 64 (built on the CPU", BUILD),
+    (["experiment=overoptimization", "reward.proxy.epochs=1000000"], "reward.proxy.epochs=1000000 is not", BUILD),
     (
         ["reward=classifier", "reward.path=x", "reward.input_format=text"],
         "reward.input_format='text' is not allowed: one of pair, chat",

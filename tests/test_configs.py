@@ -23,9 +23,10 @@ REQUIRED = {
     ("reward", "http"): ["reward.url=http://127.0.0.1:8000/score"],
     ("experiment", "n_implementation_details"): ["reward=classifier", "reward.path=/some/reward-model"],
     ("experiment", "ppo_max"): ["reward=classifier", "reward.path=/some/reward-model"],
-    # The reviews task's rewards are for its prompts.
-    ("reward", "proxy"): ["data=reviews"],
-    ("reward", "gold"): ["data=reviews"],
+    # The reviews task's rewards are for its prompts, whose responses need room for a sentence.
+    ("reward", "proxy"): ["data=reviews", "rollout.max_new_tokens=22"],
+    ("reward", "gold"): ["data=reviews", "rollout.max_new_tokens=22"],
+    ("data", "reviews"): ["rollout.max_new_tokens=22"],
 }
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from rlhf.config.validators import REVIEW_PROMPTS
+from rlhf.config.validators import REVIEW_PROMPTS, REVIEW_SENTENCE_TOKENS
 from rlhf.ppo.metrics import gold_metrics
 from rlhf.tasks import reviews
 from tests.helpers import REPO, TESTBED, compose, metrics_by_step
@@ -57,6 +57,7 @@ def test_the_corpus_is_well_formed_and_the_prompts_are_split_apart():
     assert len(held_out) == 64 and not set(train) & set(held_out)
     assert len(set(train)) == len(train) and len(train) + len(held_out) >= REVIEW_PROMPTS  # the validator's bound
     assert reviews.split_prompts(num_eval=64, seed=0) == (train, held_out)
+    assert REVIEW_SENTENCE_TOKENS == min(map(len, reviews.TEMPLATES)) + 1  # the validator's shortest sentence and EOS
 
 
 def test_noisy_preferences_follow_bradley_terry():

@@ -101,24 +101,25 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
     dist = launch(cfg)
     device = dist.accelerator.device if dist.accelerator else torch.device(cfg.hardware.device)
     # 1. prompts, the actor's tokenizer, and whether prompts and responses fit the actor's context
-    train_prompts, eval_prompts = load_prompts(cfg.data)
+    task_prompts, eval_prompts = load_prompts(cfg.data)
     with dist.main_first():  # rank 0 builds the tiny actor (and proxy) into the cache; the others then load them
         model_path, tokenizer_path = resolve_actor_paths(cfg)
+        # Prompts too long for data.max_prompt_length fail before the proxy's build (minutes when not cached).
+        tokenizer, train_prompts, eval_prompts = fitted_tokenizer(
+            cfg,
+            model_path=model_path,
+            tokenizer_path=tokenizer_path,
+            train_prompts=task_prompts,
+            eval_prompts=eval_prompts,
+        )
         proxy_path, reward_figures = None, {}
         if cfg.reward.kind == "proxy":
             proxy_path, reward_figures = ensure_proxy(
-                cfg, actor_path=model_path, tokenizer_path=tokenizer_path, train_prompts=train_prompts
+                cfg, actor_path=model_path, tokenizer_path=tokenizer_path, train_prompts=task_prompts
             )
     # Seed here, after the one step whose use of randomness depends on the cache (building the tiny
     # actor and proxy or finding them built): from now on the run is a function of its config alone.
     shuffle_generator = seed_everything(cfg.seed)
-    tokenizer, train_prompts, eval_prompts = fitted_tokenizer(
-        cfg,
-        model_path=model_path,
-        tokenizer_path=tokenizer_path,
-        train_prompts=train_prompts,
-        eval_prompts=eval_prompts,
-    )
     critic_init = resolve_critic_init(cfg, tokenizer)
     # 2. reward, then the models: actor, frozen reference, critic
     reward = build_reward(cfg.reward, device, path=proxy_path)

@@ -8,7 +8,8 @@
 4. its held-out accuracy on the noisy labels and against the noise-free gold ordering is kept.
 
 The folder ``<cache>/proxy-<hash>/`` holds ``pairs.jsonl``, the stage's ``metrics.jsonl``, ``model/``
-(what the run scores with, as ``reward=classifier reward.path=<it>/model`` would) and ``proxy.json``.
+(what the run scores with, as ``reward=classifier reward.path=<it>/model`` would), ``proxy.json`` and
+``done`` (the sha256 of the others: an entry cut short or altered is built again, never loaded).
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf.app.reward_model_loop import evaluate, save_folder, score_head, train_reward_model
+from rlhf.app.tasks import resolve_actor_paths
+from rlhf.config.errors import ConfigError
+from rlhf.config.options import RewardKind
 from rlhf.config.reward_model_schema import PairDataConfig, RewardModelModelConfig, RewardModelTrainConfig
 from rlhf.config.schema import LoggingConfig, ProxyConfig, WandbConfig
 from rlhf.data.pairs import Pair, split_pairs
+from rlhf.data.prompts import load_prompts
 from rlhf.models.generation import generate
 from rlhf.models.loading import load_tokenizer
 from rlhf.models.tiny import WARMUP_MAX_PROMPT_LENGTH, default_cache_dir, publish
@@ -38,8 +43,8 @@ from rlhf.tasks import reviews
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = 2  # bump when the build changes, so old caches are not reused
-PAIRS_FILE, INFO_FILE = "pairs.jsonl", "proxy.json"
+BUILD_VERSION = 3  # bump when the build changes, so old caches are not reused
+PAIRS_FILE, INFO_FILE, DONE_FILE = "pairs.jsonl", "proxy.json", "done"
 EVAL_FRACTION = 0.1
 MAX_LENGTH = 96  # the classifier's input bound: a prompt and its response are about 40 pieces
 SPM_VOCABULARY = 120  # upper bound of the classifier's sentencepiece pieces
@@ -61,13 +66,65 @@ def ensure_proxy(
         "gold": asdict(reviews.GOLD),
     }
     target = root / f"proxy-{hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]}"
-    if not (target / "done").exists():
+    if target.exists() and not intact(target):
+        discard(target)
+    if not intact(target):
         staging = target.with_name(f".{target.name}.{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
-        build_proxy(cfg, proxy, staging, actor_path=actor_path, tokenizer_path=tokenizer_path, prompts=train_prompts)
-        (staging / "done").touch()
+        try:  # before minutes of sampling and training
+            staging.mkdir(parents=True)
+        except OSError as error:
+            raise ConfigError(
+                f"model.cache_dir={str(root)!r} is not allowed: the proxy reward model is built there and it "
+                f"cannot be written ({error.strerror}): give a writable model.cache_dir"
+            ) from None
+        try:
+            build_proxy(
+                cfg, proxy, staging, actor_path=actor_path, tokenizer_path=tokenizer_path, prompts=train_prompts
+            )
+        except BaseException:  # an error or a stop signal: a build cut short leaves nothing behind
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        (staging / DONE_FILE).write_text(json.dumps(manifest(staging), indent=1))
         publish(staging, target)
     return str(target / "model"), json.loads((target / INFO_FILE).read_text())
+
+
+def run_proxy_path(cfg: DictConfig) -> str | None:
+    """The folder of the proxy reward model a run with ``reward.kind=proxy`` scored with (built again if the
+    cache lost it: the build is deterministic), else None: how ``rlhf.generate`` rebuilds the run's reward."""
+    if cfg.reward.kind != RewardKind.proxy:
+        return None
+    actor_path, tokenizer_path = resolve_actor_paths(cfg)
+    train_prompts, _ = load_prompts(cfg.data)
+    return ensure_proxy(cfg, actor_path=actor_path, tokenizer_path=tokenizer_path, train_prompts=train_prompts)[0]
+
+
+def manifest(folder: Path) -> dict[str, str]:
+    """The sha256 of every file of a built entry but ``done``, which holds it: an entry whose files differ
+    was cut short or altered after its build."""
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != DONE_FILE)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def intact(folder: Path) -> bool:
+    """Whether ``folder`` holds a whole build, as it was published."""
+    try:
+        return json.loads((folder / DONE_FILE).read_text()) == manifest(folder)
+    except (OSError, ValueError):
+        return False
+
+
+def discard(entry: Path) -> None:
+    """Remove a damaged cache entry, so that it is built again (moved aside first: no process finds it
+    half-removed; when another process moved it first, nothing is left to do)."""
+    log.warning("the proxy reward model in %s is incomplete or altered: building it again", entry)
+    aside = entry.with_name(f".{entry.name}.damaged.{os.getpid()}")
+    try:
+        entry.rename(aside)
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def build_proxy(
@@ -76,7 +133,7 @@ def build_proxy(
     """Steps 1-4 of the module docstring into ``folder``."""
     # 1-2. sampled pairs, labelled by the gold reward with noise
     pairs = sample_pairs(actor_path, tokenizer_path, prompts, proxy)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     with (folder / PAIRS_FILE).open("w") as file:
         for prompt, chosen, rejected in pairs:
             file.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")

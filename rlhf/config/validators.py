@@ -33,6 +33,11 @@ DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 # The reviews task has at least this many distinct prompts (its first sentences; tests/test_reviews.py
 # checks it): half of them may be held out.
 REVIEW_PROMPTS = 1200
+# Its shortest sentence is 5 words, and EOS ends a response (tests/test_reviews.py checks it against the
+# grammar): a shorter rollout.max_new_tokens cuts every response that writes anything.
+REVIEW_SENTENCE_TOKENS = 6
+# The reviews task's gold reward (reward=gold): it scores reviews, so it needs that task's prompts.
+GOLD_TARGET = "rlhf.tasks.reviews.gold_reward"
 
 
 def validate_seed(cfg: Any) -> None:
@@ -113,6 +118,9 @@ def validate_reward_source(cfg: Any) -> None:
     if reward.kind == RewardKind.function:
         needs = "reward.kind=function needs a node like {_target_: pkg.module.fn, _partial_: true}"
         check(reward.fn is not None, "reward.fn", reward.fn, needs)
+        target = reward.fn.get("_target_") if OmegaConf.is_dict(reward.fn) else None
+        gold = "reward=gold is the reviews task's gold reward: needs data.task=reviews (data=reviews)"
+        check(target != GOLD_TARGET or cfg.data.task == DataTask.reviews, "reward.fn._target_", target, gold)
     elif reward.kind == RewardKind.model:
         check(bool(reward.path), "reward.path", reward.path, "reward.kind=model needs a hub id or folder")
     elif reward.kind == RewardKind.proxy:
@@ -127,11 +135,20 @@ def validate_reward_source(cfg: Any) -> None:
     non_negative("reward.retries", reward.retries)
 
 
+# Upper bounds of the proxy's sizes, far above real use: it is built and trained on the CPU before the run
+# starts, so a slip of the keyboard (three zeros too many) must fail at once instead of exhausting memory
+# or running for days.
+PROXY_LIMITS = {"hidden_size": 4096, "num_layers": 64, "epochs": 1000}
+
+
 def validate_proxy(cfg: Any) -> None:
     """The proxy reward model's build (reward.kind=proxy)."""
     proxy = cfg.reward.proxy
     in_range = 20 <= proxy.num_pairs <= 100_000
     check(in_range, "reward.proxy.num_pairs", proxy.num_pairs, "must be in [20, 100000] (a tenth is held out)")
+    for name, limit in PROXY_LIMITS.items():
+        value = getattr(proxy, name)
+        check(value <= limit, f"reward.proxy.{name}", value, f"must be <= {limit} (built on the CPU at start)")
     non_negative("reward.proxy.label_noise", proxy.label_noise)
     check(
         proxy.hidden_size > 0 and proxy.hidden_size % 16 == 0,
@@ -287,6 +304,15 @@ def validate_data(cfg: Any) -> None:
 def validate_rollout(cfg: Any) -> None:
     positive("rollout.batch_size", cfg.rollout.batch_size)
     positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
+    if cfg.data.task == DataTask.reviews:
+        sentence = f"must be >= {REVIEW_SENTENCE_TOKENS} on the reviews task (its shortest sentence and EOS; "
+        sentence += "experiment=overoptimization sets 22)"
+        check(
+            cfg.rollout.max_new_tokens >= REVIEW_SENTENCE_TOKENS,
+            "rollout.max_new_tokens",
+            cfg.rollout.max_new_tokens,
+            sentence,
+        )
     positive("rollout.temperature", cfg.rollout.temperature)
 
 
