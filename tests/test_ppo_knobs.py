@@ -15,8 +15,17 @@ import torch
 from rlhf.app.build import build_trainer
 from rlhf.config import options
 from rlhf.core.kl import kl_loss
-from rlhf.core.losses import LOSS_AGGREGATIONS, aggregate_loss, policy_loss, value_loss
-from rlhf.ppo.update import loss_units
+from rlhf.core.losses import (
+    LOSS_AGGREGATIONS,
+    aggregate_loss,
+    entropy_from_logits,
+    logprobs_from_logits,
+    policy_loss,
+    value_loss,
+)
+from rlhf.models.actions import action_logits
+from rlhf.models.critic import action_values
+from rlhf.ppo.update import loss_units, policy_objective, value_objective
 from tests.helpers import REPO, SHORT, metrics_by_step
 from tests.reference import ragged_mask
 
@@ -185,6 +194,35 @@ def test_kl_loss_matches_a_loop_and_has_a_gradient(mode, estimator):
     assert (logprobs.grad[~mask] == 0).all() and (logprobs.grad[mask] != 0).all()
     if estimator == "k1" and mode == "token_mean":  # d/d logprob of mean(logprob - ref) = 1 / 13 tokens
         assert logprobs.grad[mask].tolist() == pytest.approx([1 / 13] * 13)
+
+
+def test_the_objectives_pass_every_knob_from_the_config_to_the_core(make_cfg):
+    knobs = ["ppo.clip_eps_low=0.1", "ppo.clip_eps_high=0.3", "ppo.dual_clip_c=1.5", "ppo.entropy_coef=0.01"]
+    cfg = make_cfg(*knobs, "ppo.loss_agg=seq_mean_token_sum", "kl.mode=loss", "kl.estimator=k2")
+    trainer, prompts, _ = build_trainer(cfg)
+    _, _, exp = trainer.experience(trainer.rollout.generate(prompts[:8]))
+    torch.manual_seed(0)
+    with torch.no_grad():  # move the policy and the critic far enough that ratios clip
+        for param in [*trainer.actor.parameters(), *trainer.critic.parameters()]:
+            param.add_(0.1 * torch.randn_like(param))
+    got = policy_objective(trainer.actor, exp, settings=trainer.settings, kl_coef=0.3)
+    num_actions, mask = exp.action_mask.shape[1], exp.action_mask
+    with torch.no_grad():
+        logits = action_logits(trainer.actor, exp.sequences, exp.attention_mask, num_actions, 1.0)
+        values = action_values(trainer.critic, exp.sequences, exp.attention_mask, num_actions)
+    logprobs = logprobs_from_logits(logits, exp.sequences[:, -num_actions:])
+    agg = {"loss_agg": "seq_mean_token_sum", "max_length": 4}  # rollout.max_new_tokens
+    clip = {"clip_eps_low": 0.1, "clip_eps_high": 0.3, "dual_clip_c": 1.5}
+    pg, stats = policy_loss(logprobs, exp.old_logprobs, exp.advantages, mask, 0.2, **clip, **agg)
+    entropy = aggregate_loss(entropy_from_logits(logits), mask, "seq_mean_token_sum", max_length=4)
+    kl = kl_loss(logprobs, exp.ref_logprobs, mask, "k2", **agg)
+    assert got["loss"].item() == pytest.approx((pg - 0.01 * entropy + 0.3 * kl).item(), rel=1e-5)
+    assert got["policy/kl_loss"].item() == pytest.approx(kl.item(), rel=1e-5)
+    assert stats["dual_clipfrac"] > 0 and got["policy/dual_clipfrac"].item() == pytest.approx(stats["dual_clipfrac"])
+    vf, _ = value_loss(values, exp.old_values, exp.returns, mask, None, **agg)
+    assert value_objective(trainer.critic, exp, settings=trainer.settings)["loss/value"].item() == pytest.approx(
+        vf.item(), rel=1e-5
+    )
 
 
 # Command-line runs, one per knob family, as tests/helpers.py SHORT (one step of 8 prompts).
