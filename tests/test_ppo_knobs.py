@@ -296,3 +296,27 @@ def test_a_sweep_over_loss_agg_runs_each_aggregation(tmp_path, tiny_cache):
     assert runs[0][1]["objective/scores"] == runs[1][1]["objective/scores"]
     assert runs[0][1]["loss/policy"] != runs[1][1]["loss/policy"]
     assert runs[0][1]["loss/value"] != runs[1][1]["loss/value"]
+
+
+@pytest.mark.slow
+def test_two_ranks_average_a_seq_mean_loss_over_the_whole_mini_batch(tiny_cache, tmp_path):
+    # tests/test_distributed.py's parity with ppo.loss_agg=seq_mean_token_mean: two DDP ranks of batch b
+    # (ragged, of different shapes) step as one process of batch 2b; the ranks' losses weigh by their
+    # responses, their token statistics by their tokens.
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir(), one.mkdir()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for command in (
+        [*torchrun, "tests/ddp_worker.py", str(two), str(tiny_cache), "4", "2", "hardware=ddp_cpu"],
+        [sys.executable, "tests/ddp_worker.py", str(one), str(tiny_cache), "8", "4", "hardware=cpu"],
+    ):
+        result = subprocess.run(
+            [*command, "ppo.loss_agg=seq_mean_token_mean"], cwd=REPO, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+    rank0, single = (torch.load(d / "rank0.pt", weights_only=False) for d in (two, one))
+    for model in ("actor", "critic"):
+        for name, weight in rank0[model].items():
+            torch.testing.assert_close(weight, single[model][name], rtol=1e-4, atol=1e-6, msg=f"{model}.{name}")
+    for key in ("loss/policy", "loss/value", "loss/total", "policy/clipfrac", "policy/entropy", "val/clipfrac"):
+        assert rank0["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-4, abs=1e-6), key

@@ -18,11 +18,12 @@ from rlhf.ppo.metrics import gold_metrics, rollout_metrics, score_metrics
 from rlhf.ppo.rollout import Rollout
 from rlhf.ppo.settings import KLController, PPOSettings
 from rlhf.ppo.update import (
+    AGGREGATED_STATS,
     Learner,
     SkipCounter,
-    loss_units,
     parameters_of,
     policy_objective,
+    rank_weight,
     shared_objective,
     value_objective,
 )
@@ -202,13 +203,13 @@ class PPOTrainer:
                     return {}
                 index = order[start : start + size]
                 mb = exp.select(self.dist.shard(index).to(exp.sequences.device)).trim_padding()  # this rank's rows
-                # Each rank's loss and statistics are means over its own action tokens (its own responses for
-                # the seq_mean modes of ppo.loss_agg), and the gradient reduction (then ``Distributed.mean``)
+                # Each rank's loss and statistics are means over its own action tokens (its own responses for the
+                # losses of ppo.loss_agg's seq_mean modes), and the gradient reduction (then ``Distributed.mean``)
                 # averages over the ranks: weighting by the rank's share of them makes those averages the means
                 # over all of the mini-batch.
-                units = loss_units(mb.action_mask, self.settings.loss_agg)
-                global_units = max(loss_units(exp.action_mask[index], self.settings.loss_agg), 1)
-                weight = 1.0 if world == 1 else world * units / global_units
+                rows, loss_agg = exp.action_mask[index], self.settings.loss_agg
+                weight = rank_weight(mb.action_mask, rows, world=world, loss_agg=loss_agg)
+                token_weight = rank_weight(mb.action_mask, rows, world=world, loss_agg="token_mean")
                 stats, stepped = self.train_minibatch(learner, mb, weight)
                 totals[f"optim/{learner.name}_skipped_steps"] += self.skips.count(
                     learner.name, stepped=stepped, step=self.steps_done + 1
@@ -219,7 +220,8 @@ class PPOTrainer:
                     totals["policy/ratio_dev_first"] = ratio_max_dev.item()
                 for key, value in stats.items():
                     # grad norms are the same on every rank (the gradients are all-reduced): not weighted
-                    sums[key] += float(value.detach()) * (1.0 if key.startswith("optim/") else weight)
+                    scale = 1.0 if key.startswith("optim/") else weight if key in AGGREGATED_STATS else token_weight
+                    sums[key] += float(value.detach()) * scale
         count = len(orders) * math.ceil(batch_size / size)
         return {**{key: value / count for key, value in sums.items()}, **totals}
 

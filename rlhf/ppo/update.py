@@ -102,10 +102,23 @@ def parameters_of(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
 
 def loss_units(action_mask: torch.Tensor, loss_agg: str) -> int:
     """What a mini-batch's loss is a mean over (``ppo.loss_agg``): its action tokens for token_mean, its
-    responses with at least one action for the seq_mean modes. Ranks weight their losses by their share."""
+    responses with at least one action for the seq_mean modes."""
     if loss_agg == "token_mean":
         return int(action_mask.sum())
     return int(action_mask.any(dim=1).sum())
+
+
+# The objectives' statistics that are averaged as ppo.loss_agg says; the others are means over action tokens.
+AGGREGATED_STATS = frozenset({"loss", "loss/policy", "loss/value", "policy/kl_loss"})
+
+
+def rank_weight(rank_mask: torch.Tensor, global_mask: torch.Tensor, *, world: int, loss_agg: str) -> float:
+    """The weight of one rank's mean over its (b, A) ``rank_mask`` rows of a mini-batch whose (B, A) mask is
+    ``global_mask``: ``world`` times its share of the mini-batch's ``loss_units``. The ranks' weighted means,
+    averaged over the ranks (the gradient reduction, ``Distributed.mean``), are the mini-batch's mean."""
+    if world == 1:
+        return 1.0
+    return world * loss_units(rank_mask, loss_agg) / max(loss_units(global_mask, loss_agg), 1)
 
 
 class SkipCounter:
