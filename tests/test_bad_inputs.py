@@ -227,6 +227,22 @@ CASES = [
     (["reward=http"], "reward.url", BUILD),
     (["reward.on_nonfinite=ignore"], "reward.on_nonfinite='ignore' is not allowed: one of error, mask", BUILD),
     (["ppo.max_consecutive_skips=0"], "ppo.max_consecutive_skips=0 is not allowed: must be > 0", BUILD),
+    # issue 19's PPO knobs
+    (["ppo.dual_clip_c=0.5"], "ppo.dual_clip_c=0.5 is not allowed: must be null (off) or > 1", BUILD),
+    (["kl.mode=penalty"], "kl.mode='penalty' is not allowed: one of reward, loss", CLI),
+    (
+        ["ppo.loss_agg=mean"],
+        "ppo.loss_agg='mean' is not allowed: one of token_mean, seq_mean_token_mean, seq_mean_token_sum",
+        BUILD,
+    ),
+    (["ppo.clip_eps_high=-1"], "ppo.clip_eps_high=-1.0 is not allowed: must be > 0", BUILD),
+    (["ppo.clip_eps_low=0"], "ppo.clip_eps_low=0.0 is not allowed: must be > 0", BUILD),
+    (["ppo.critic_warmup_steps=-1"], "ppo.critic_warmup_steps=-1 is not allowed: must be >= 0", BUILD),
+    (
+        ["ppo.critic_warmup_steps=2", "model.shared_critic=true"],
+        "ppo.critic_warmup_steps=2 is not allowed: trains the critic alone, which needs its own trunk",
+        CLI,
+    ),
     (["trainer.resume=maybe"], "trainer.resume='maybe' is not allowed: one of auto, true, false", BUILD),
     (["trainer.save_every=-1"], "trainer.save_every=-1 is not allowed: must be >= 0", BUILD),
     (["trainer.keep_last=0"], "trainer.keep_last=0 is not allowed: must be > 0", BUILD),

@@ -270,6 +270,7 @@ def ppo_settings(cfg: DictConfig) -> PPOSettings:
     experience = ExperienceSettings(
         kl_estimator=cfg.kl.estimator,
         **values_of(cfg.gae, "gamma", "lam", "whiten_rewards", "whiten_advantages", "advantage_clip"),
+        kl_mode=cfg.kl.mode,
     )
     return PPOSettings(
         **values_of(cfg.rollout, "max_new_tokens", "temperature"),
@@ -279,6 +280,7 @@ def ppo_settings(cfg: DictConfig) -> PPOSettings:
         **values_of(cfg.ppo, "epochs", "minibatch_size", "clip_eps", "value_clip_eps", "vf_coef", "entropy_coef"),
         **values_of(cfg.ppo, "max_grad_norm", "max_consecutive_skips"),
         **values_of(cfg.hardware, "device", "autocast_dtype"),
+        **values_of(cfg.ppo, "clip_eps_low", "clip_eps_high", "dual_clip_c", "loss_agg", "critic_warmup_steps"),
     )
 
 

@@ -50,6 +50,13 @@ KLControllerKind = _options("KLControllerKind", "fixed", "adaptive")
 # the config); tests/test_config_layout.py checks that the two agree.
 KLEstimator = _options("KLEstimator", "k1", "k2", "k3")
 
+# kl.mode: the KL penalty shapes the reward, or is a term of the policy loss (GRPO style).
+KLMode = _options("KLMode", "reward", "loss")
+
+# ppo.loss_agg: how per-token losses are averaged. rlhf.core.losses keeps its own tuple (the core never
+# imports the config); tests/test_ppo_knobs.py checks that the two agree.
+LossAgg = _options("LossAgg", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+
 # hardware.device.
 Device = _options("Device", "cpu", "cuda")
 

@@ -103,6 +103,9 @@ class KLConfig:
     target: float | None = None
     # Adaptive controller: samples over which the error is corrected.
     horizon: int | None = None
+    # Where the KL goes: "reward" (-beta * kl shapes the per-token rewards; Ziegler et al. 2019) or "loss"
+    # (no KL in the rewards; the policy loss adds beta * the estimator against the reference; GRPO, Shao et al. 2024).
+    mode: str = "reward"
 
 
 @dataclass
@@ -226,6 +229,21 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     # Optimizer steps with a non-finite loss or gradient are skipped; this many in a row stop the run.
     max_consecutive_skips: int = 10
+    # Lower clip range: the ratio's floor is 1 - clip_eps_low; null = clip_eps (DAPO, Yu et al. 2025).
+    clip_eps_low: float | None = None
+    # Upper clip range ("clip-higher", e.g. 0.28): the ratio's ceiling is 1 + clip_eps_high; null = clip_eps
+    # (DAPO, Yu et al. 2025).
+    clip_eps_high: float | None = None
+    # Dual clip: a token with a negative advantage A has its loss bounded by -c * A, c > 1; null = off
+    # (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep Reinforcement Learning").
+    dual_clip_c: float | None = None
+    # How policy, value, entropy and KL-loss terms average over tokens: token_mean (each token of the mini-batch
+    # alike), seq_mean_token_mean (each response alike; GRPO, Shao et al. 2024) or seq_mean_token_sum (token sums
+    # over rollout.max_new_tokens; Dr. GRPO, Liu et al. 2025, "Understanding R1-Zero-Like Training").
+    loss_agg: str = "token_mean"
+    # The first this many PPO iterations train only the critic, the actor frozen (value pretraining; VC-PPO,
+    # Yuan et al. 2025, "What's Behind PPO's Collapse in Long-CoT?"); needs model.shared_critic=false.
+    critic_warmup_steps: int = 0
 
 
 @dataclass

@@ -20,6 +20,8 @@ from rlhf.config.options import (
     InputFormat,
     KLControllerKind,
     KLEstimator,
+    KLMode,
+    LossAgg,
     OnNonfinite,
     OverlongPolicy,
     ResumeMode,
@@ -184,6 +186,7 @@ def validate_kl(cfg: Any) -> None:
     one_of("kl.controller", kl.controller, KLControllerKind)
     non_negative("kl.beta", kl.beta)
     one_of("kl.estimator", kl.estimator, KLEstimator)
+    one_of("kl.mode", kl.mode, KLMode)
     if kl.controller == KLControllerKind.adaptive:
         target_ok = kl.target is not None and kl.target > 0
         check(target_ok, "kl.target", kl.target, "kl.controller=adaptive needs a target > 0")
@@ -328,6 +331,22 @@ def validate_ppo(cfg: Any) -> None:
     non_negative("ppo.entropy_coef", ppo.entropy_coef)
     positive("ppo.max_grad_norm", ppo.max_grad_norm)
     positive("ppo.max_consecutive_skips", ppo.max_consecutive_skips)
+    validate_ppo_knobs(cfg)
+
+
+def validate_ppo_knobs(cfg: Any) -> None:
+    """The clip variants, loss aggregation and critic warm-up (README, "PPO knobs")."""
+    ppo = cfg.ppo
+    positive_or_none("ppo.clip_eps_low", ppo.clip_eps_low)
+    positive_or_none("ppo.clip_eps_high", ppo.clip_eps_high)
+    if ppo.dual_clip_c is not None:
+        bound = "must be null (off) or > 1: the bound -c * A of a negative advantage lies beyond the clipped range"
+        check(ppo.dual_clip_c > 1, "ppo.dual_clip_c", ppo.dual_clip_c, bound)
+    one_of("ppo.loss_agg", ppo.loss_agg, LossAgg)
+    non_negative("ppo.critic_warmup_steps", ppo.critic_warmup_steps)
+    if ppo.critic_warmup_steps > 0:
+        alone = "trains the critic alone, which needs its own trunk: set model.shared_critic=false"
+        check(not cfg.model.shared_critic, "ppo.critic_warmup_steps", ppo.critic_warmup_steps, alone)
 
 
 def validate_logging(cfg: Any) -> None:

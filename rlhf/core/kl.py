@@ -4,12 +4,15 @@ Estimators follow John Schulman, "Approximating KL Divergence" (2020), with
 log r = ref_logprob - logprob for tokens sampled from the policy:
 k1 = -log r (unbiased, can be negative), k2 = (log r)^2 / 2, k3 = (r - 1) - log r (unbiased, >= 0).
 The adaptive controller is Ziegler et al. 2019, "Fine-Tuning Language Models from Human
-Preferences" (lm-human-preferences).
+Preferences" (lm-human-preferences). The KL either shapes the reward (``shape_rewards``, kl.mode=reward)
+or is a term of the policy loss (``kl_loss``, kl.mode=loss, as GRPO: Shao et al. 2024, "DeepSeekMath").
 """
 
 from __future__ import annotations
 
 import torch
+
+from rlhf.core.losses import aggregate_loss
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -50,6 +53,23 @@ def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, beta: float, action_ma
         torch.zeros_like(scores, dtype=rewards.dtype),
     )
     return rewards
+
+
+def kl_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    action_mask: torch.Tensor,
+    estimator: str,
+    *,
+    loss_agg: str = "token_mean",
+    max_length: int | None = None,
+) -> torch.Tensor:
+    """The KL term of a GRPO-style policy loss (Shao et al. 2024, eq. 3, which uses k3): the per-token
+    ``estimator`` between the CURRENT policy's (B, A) ``logprobs`` (with gradient) and the reference's,
+    aggregated like the policy loss (``aggregate_loss``: a token mean by default). The caller weights
+    it by beta."""
+    kl = kl_estimate(logprobs, ref_logprobs, estimator)
+    return aggregate_loss(kl, action_mask, loss_agg, max_length=max_length)
 
 
 class FixedKLController:

@@ -35,7 +35,7 @@ class Experience:
     old_values: torch.Tensor  # (B, A) V(s_t) of the critic before the update
     kl: torch.Tensor  # (B, A) per-token KL estimate (kl.estimator) to the reference
     scores: torch.Tensor  # (B,) reward of each response (after any missing-EOS penalty)
-    rewards: torch.Tensor  # (B, A) -beta * kl on every action, plus the score on the last one
+    rewards: torch.Tensor  # (B, A) -beta * kl on every action (kl.mode=reward), plus the score on the last one
     advantages: torch.Tensor  # (B, A) GAE advantages (whitened if configured), 0 where masked
     returns: torch.Tensor  # (B, A) advantages + values before whitening: the critic's targets
 

@@ -63,7 +63,9 @@ def make_experience(
     mask = samples.action_mask
     old_logprobs, ref_logprobs, old_values = logprobs * mask, ref_logprobs * mask, values * mask
     kl = kl_estimate(old_logprobs, ref_logprobs, settings.kl_estimator) * mask
-    rewards = shape_rewards(scores.to(kl.device), kl, kl_coef, mask)
+    # kl.mode=loss (GRPO style): the KL is a term of the policy loss instead, the rewards carry none
+    reward_kl_coef = kl_coef if settings.kl_mode == "reward" else 0.0
+    rewards = shape_rewards(scores.to(kl.device), kl, reward_kl_coef, mask)
     if settings.whiten_rewards:
         rewards = masked_whiten(rewards, mask, keep_mean=True)
     advantages, returns = compute_gae(rewards, old_values, mask, gamma=settings.gamma, lam=settings.lam)

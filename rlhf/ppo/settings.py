@@ -17,6 +17,7 @@ class ExperienceSettings:
     whiten_rewards: bool  # whiten the KL-shaped rewards, keeping their mean, before GAE
     whiten_advantages: bool  # whiten the advantages after GAE
     advantage_clip: float | None = None  # clamp the advantages to [-clip, clip] after whitening
+    kl_mode: str = "reward"  # "reward": -beta * kl shapes the rewards; "loss": no KL in them (the policy loss has it)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,13 @@ class PPOSettings:
     # precision of the forwards: "float32" runs without autocast
     device: str
     autocast_dtype: str
+    # PPO knobs (README, "PPO knobs"): the ratio's clip range [1 - low, 1 + high] (None = clip_eps), the
+    # dual-clip bound c (None = off), how per-token losses are averaged, critic-only iterations first
+    clip_eps_low: float | None = None
+    clip_eps_high: float | None = None
+    dual_clip_c: float | None = None
+    loss_agg: str = "token_mean"  # "token_mean", "seq_mean_token_mean" or "seq_mean_token_sum"
+    critic_warmup_steps: int = 0
 
 
 class KLController(Protocol):

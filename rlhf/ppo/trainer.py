@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
@@ -16,7 +17,16 @@ from rlhf.ppo.experience import make_experience, training_scores
 from rlhf.ppo.metrics import gold_metrics, rollout_metrics, score_metrics
 from rlhf.ppo.rollout import Rollout
 from rlhf.ppo.settings import KLController, PPOSettings
-from rlhf.ppo.update import Learner, SkipCounter, parameters_of, policy_objective, shared_objective, value_objective
+from rlhf.ppo.update import (
+    AGGREGATED_STATS,
+    Learner,
+    SkipCounter,
+    parameters_of,
+    policy_objective,
+    rank_weight,
+    shared_objective,
+    value_objective,
+)
 
 if TYPE_CHECKING:
     from rlhf.rewards.normalize import RewardNormalizer
@@ -79,11 +89,15 @@ class PPOTrainer:
         samples, raw_scores, exp = self.experience(samples)
         kl_coef = self.kl_controller.value
         t2 = time.perf_counter()
-        # 4. PPO epochs over shuffled mini-batches
+        # 4. PPO epochs over shuffled mini-batches (the critic's alone while ppo.critic_warmup_steps last)
+        warming_up = self.critic_warming_up()
         update_stats = self.ppo_update(exp)
         lr_metrics = self.optimizer_metrics()  # the learning rates this step used
-        for scheduler in self.schedulers:
-            scheduler.step()
+        with warnings.catch_warnings():
+            if warming_up:  # the actor's schedule runs on while its optimizer waits: torch warns of that
+                warnings.simplefilter("ignore", UserWarning)
+            for scheduler in self.schedulers:
+                scheduler.step()
         t3 = time.perf_counter()
         # 5. KL controller: move beta towards its target (no-op when fixed)
         kl_per_seq = ((exp.old_logprobs - exp.ref_logprobs) * exp.action_mask).sum(dim=1)
@@ -97,6 +111,8 @@ class PPOTrainer:
             metrics.update(gold_metrics(gold_scores=gold, raw_scores=raw_scores.float().cpu()))
         metrics.update(update_stats)
         metrics.update(lr_metrics)
+        if self.settings.critic_warmup_steps > 0:
+            metrics["optim/actor_frozen"] = float(warming_up)  # 1: the actor's optimizer did not step
         metrics["objective/kl_coef_next"] = self.kl_controller.value
         metrics["time/rollout"] = t1 - t0
         metrics["time/experience"] = t2 - t1
@@ -155,16 +171,18 @@ class PPOTrainer:
         # The parameters the optimizers step, not the modules' current ones: FSDP puts gathered copies
         # of the root's parameters on the module from its forward to the end of its backward.
         actor_params, settings = parameters_of(self.actor_optimizer), self.settings
+        kl_coef = self.kl_controller.value  # kl.mode=loss: this iteration's beta weights the policy's KL term
         if self.critic_optimizer is None:
             head = list(self.critic.value_head.parameters())
             trunk = [p for p in actor_params if all(p is not h for h in head)]
-            shared = partial(shared_objective, self.train_actor, self.train_critic, settings=settings)
+            shared = partial(shared_objective, self.train_actor, self.train_critic, settings=settings, kl_coef=kl_coef)
             return [Learner("actor", self.train_actor, self.actor_optimizer, shared, {"actor": trunk, "critic": head})]
-        actor_objective = partial(policy_objective, self.train_actor, settings=settings)
+        actor_objective = partial(policy_objective, self.train_actor, settings=settings, kl_coef=kl_coef)
         critic_objective = partial(value_objective, self.train_critic, settings=settings)
         critic_params = parameters_of(self.critic_optimizer)
+        actor_clip, frozen = {"actor": actor_params}, self.critic_warming_up()
         return [
-            Learner("actor", self.train_actor, self.actor_optimizer, actor_objective, {"actor": actor_params}),
+            Learner("actor", self.train_actor, self.actor_optimizer, actor_objective, actor_clip, frozen=frozen),
             Learner("critic", self.train_critic, self.critic_optimizer, critic_objective, {"critic": critic_params}),
         ]
 
@@ -185,18 +203,14 @@ class PPOTrainer:
                     return {}
                 index = order[start : start + size]
                 mb = exp.select(self.dist.shard(index).to(exp.sequences.device)).trim_padding()  # this rank's rows
-                learner.optimizer.zero_grad(set_to_none=True)
-                stats = learner.objective(mb)
-                # Each rank's loss and statistics are means over its own action tokens, and the gradient
-                # reduction (then ``Distributed.mean``) averages over the ranks: weighting by the rank's
-                # share of the tokens makes those averages the means over all of the mini-batch's tokens.
-                tokens, global_tokens = int(mb.action_mask.sum()), max(int(exp.action_mask[index].sum()), 1)
-                weight = 1.0 if world == 1 else world * tokens / global_tokens
-                loss = stats["loss"] * weight
-                norms, stepped = self.dist.backward_and_step(
-                    learner.module, learner.optimizer, loss, learner.clip, self.settings.max_grad_norm
-                )
-                stats.update({f"optim/{group}_grad_norm": norm for group, norm in norms.items()})
+                # Each rank's loss and statistics are means over its own action tokens (its own responses for the
+                # losses of ppo.loss_agg's seq_mean modes), and the gradient reduction (then ``Distributed.mean``)
+                # averages over the ranks: weighting by the rank's share of them makes those averages the means
+                # over all of the mini-batch.
+                rows, loss_agg = exp.action_mask[index], self.settings.loss_agg
+                weight = rank_weight(mb.action_mask, rows, world=world, loss_agg=loss_agg)
+                token_weight = rank_weight(mb.action_mask, rows, world=world, loss_agg="token_mean")
+                stats, stepped = self.train_minibatch(learner, mb, weight)
                 totals[f"optim/{learner.name}_skipped_steps"] += self.skips.count(
                     learner.name, stepped=stepped, step=self.steps_done + 1
                 )
@@ -206,9 +220,31 @@ class PPOTrainer:
                     totals["policy/ratio_dev_first"] = ratio_max_dev.item()
                 for key, value in stats.items():
                     # grad norms are the same on every rank (the gradients are all-reduced): not weighted
-                    sums[key] += float(value.detach()) * (1.0 if key.startswith("optim/") else weight)
+                    scale = 1.0 if key.startswith("optim/") else weight if key in AGGREGATED_STATS else token_weight
+                    sums[key] += float(value.detach()) * scale
         count = len(orders) * math.ceil(batch_size / size)
         return {**{key: value / count for key, value in sums.items()}, **totals}
+
+    def train_minibatch(self, learner: Learner, mb: Experience, weight: float) -> tuple[dict, bool]:
+        """One mini-batch of ``learner``: forward and loss (times ``weight``), backward, clipping, step;
+        returns the statistics and whether the optimizer stepped. A frozen learner (the actor during
+        ppo.critic_warmup_steps) runs its forward for the statistics only, without gradients."""
+        if learner.frozen:
+            with torch.no_grad():
+                return learner.objective(mb), True
+        learner.optimizer.zero_grad(set_to_none=True)
+        stats = learner.objective(mb)
+        loss = stats["loss"] * weight
+        norms, stepped = self.dist.backward_and_step(
+            learner.module, learner.optimizer, loss, learner.clip, self.settings.max_grad_norm
+        )
+        stats.update({f"optim/{group}_grad_norm": norm for group, norm in norms.items()})
+        return stats, stepped
+
+    def critic_warming_up(self) -> bool:
+        """Whether this iteration is one of the first ``ppo.critic_warmup_steps``, which train the critic
+        alone (value pretraining, VC-PPO)."""
+        return self.steps_done < self.settings.critic_warmup_steps
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """The actor's optimizer, and the critic's unless the critic shares the actor's trunk."""

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rlhf.core.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from rlhf.core.kl import kl_loss
+from rlhf.core.losses import aggregate_loss, entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from rlhf.core.masked import masked_mean
 from rlhf.core.types import Experience
 from rlhf.models.actions import action_logits
@@ -31,20 +32,35 @@ class Learner:
     optimizer: torch.optim.Optimizer
     objective: Objective
     clip: dict[str, list[nn.Parameter]]
+    frozen: bool = False  # forwards and statistics only, no backward or step (the actor in ppo.critic_warmup_steps)
 
 
-def policy_objective(actor: nn.Module, mb: Experience, *, settings: PPOSettings) -> dict[str, torch.Tensor]:
+def policy_objective(
+    actor: nn.Module, mb: Experience, *, settings: PPOSettings, kl_coef: float = 0.0
+) -> dict[str, torch.Tensor]:
     """The actor's forward on a mini-batch: its loss term (clipped policy loss minus the entropy
-    bonus) and the policy's statistics."""
-    num_actions = mb.action_mask.shape[1]
+    bonus, plus ``kl_coef`` times the KL to the reference with kl.mode=loss) and the policy's statistics.
+    Every term is averaged over tokens as ``ppo.loss_agg`` says; ``policy/entropy`` stays the token mean."""
+    num_actions, mask = mb.action_mask.shape[1], mb.action_mask
     with autocast(device=settings.device, dtype=settings.autocast_dtype):
         logits = action_logits(actor, mb.sequences, mb.attention_mask, num_actions, settings.temperature)
     logprobs = logprobs_from_logits(logits, mb.sequences[:, -num_actions:])  # logits: (b, A, V), float32
-    entropy = masked_mean(entropy_from_logits(logits), mb.action_mask)
-    pg_loss, stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, settings.clip_eps)
+    token_entropy = entropy_from_logits(logits)  # (b, A)
+    entropy = masked_mean(token_entropy, mask)
+    agg = {"loss_agg": settings.loss_agg, "max_length": settings.max_new_tokens}  # Dr. GRPO's constant length
+    clip = {key: getattr(settings, key) for key in ("clip_eps_low", "clip_eps_high", "dual_clip_c")}
+    pg_loss, stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, settings.clip_eps, **clip, **agg)
+    entropy_bonus = aggregate_loss(token_entropy, mask, settings.loss_agg, max_length=settings.max_new_tokens)
+    loss = pg_loss - settings.entropy_coef * entropy_bonus
+    metrics = {"loss/policy": pg_loss}
+    if settings.experience.kl_mode == "loss":  # GRPO style: the KL to the reference is a loss term
+        metrics["policy/kl_loss"] = kl_loss(logprobs, mb.ref_logprobs, mask, settings.experience.kl_estimator, **agg)
+        loss = loss + kl_coef * metrics["policy/kl_loss"]
+    if "dual_clipfrac" in stats:
+        metrics["policy/dual_clipfrac"] = stats["dual_clipfrac"]
     return {
-        "loss": pg_loss - settings.entropy_coef * entropy,
-        "loss/policy": pg_loss,
+        "loss": loss,
+        **metrics,
         "policy/entropy": entropy,
         "policy/clipfrac": stats["clipfrac"],
         "policy/approx_kl": stats["approx_kl"],
@@ -58,15 +74,23 @@ def value_objective(critic: nn.Module, mb: Experience, *, settings: PPOSettings)
     num_actions = mb.action_mask.shape[1]
     with autocast(device=settings.device, dtype=settings.autocast_dtype):
         values = action_values(critic, mb.sequences, mb.attention_mask, num_actions)
-    vf_loss, stats = value_loss(values, mb.old_values, mb.returns, mb.action_mask, settings.value_clip_eps)
+    vf_loss, stats = value_loss(
+        values,
+        mb.old_values,
+        mb.returns,
+        mb.action_mask,
+        settings.value_clip_eps,
+        loss_agg=settings.loss_agg,
+        max_length=settings.max_new_tokens,
+    )
     return {"loss": settings.vf_coef * vf_loss, "loss/value": vf_loss, "val/clipfrac": stats["clipfrac"]}
 
 
 def shared_objective(
-    actor: nn.Module, critic: nn.Module, mb: Experience, *, settings: PPOSettings
+    actor: nn.Module, critic: nn.Module, mb: Experience, *, settings: PPOSettings, kl_coef: float = 0.0
 ) -> dict[str, torch.Tensor]:
     """Actor and value head on one trunk: both objectives, one loss (their sum)."""
-    policy = policy_objective(actor, mb, settings=settings)
+    policy = policy_objective(actor, mb, settings=settings, kl_coef=kl_coef)
     value = value_objective(critic, mb, settings=settings)
     return {**policy, **value, "loss": policy["loss"] + value["loss"]}
 
@@ -74,6 +98,27 @@ def shared_objective(
 def parameters_of(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
     """The parameters ``optimizer`` steps."""
     return [param for group in optimizer.param_groups for param in group["params"]]
+
+
+def loss_units(action_mask: torch.Tensor, loss_agg: str) -> int:
+    """What a mini-batch's loss is a mean over (``ppo.loss_agg``): its action tokens for token_mean, its
+    responses with at least one action for the seq_mean modes."""
+    if loss_agg == "token_mean":
+        return int(action_mask.sum())
+    return int(action_mask.any(dim=1).sum())
+
+
+# The objectives' statistics that are averaged as ppo.loss_agg says; the others are means over action tokens.
+AGGREGATED_STATS = frozenset({"loss", "loss/policy", "loss/value", "policy/kl_loss"})
+
+
+def rank_weight(rank_mask: torch.Tensor, global_mask: torch.Tensor, *, world: int, loss_agg: str) -> float:
+    """The weight of one rank's mean over its (b, A) ``rank_mask`` rows of a mini-batch whose (B, A) mask is
+    ``global_mask``: ``world`` times its share of the mini-batch's ``loss_units``. The ranks' weighted means,
+    averaged over the ranks (the gradient reduction, ``Distributed.mean``), are the mini-batch's mean."""
+    if world == 1:
+        return 1.0
+    return world * loss_units(rank_mask, loss_agg) / max(loss_units(global_mask, loss_agg), 1)
 
 
 class SkipCounter:
