@@ -50,6 +50,10 @@ KLControllerKind = _options("KLControllerKind", "fixed", "adaptive")
 # the config); tests/test_config_layout.py checks that the two agree.
 KLEstimator = _options("KLEstimator", "k1", "k2", "k3")
 
+# advantage.estimator: gae (with a critic) or a critic-free estimator. rlhf.core.advantages keeps its own
+# tuple (the core never imports the config); tests/test_advantages.py checks that the two agree.
+AdvantageEstimator = _options("AdvantageEstimator", "gae", "grpo", "rloo", "reinforce_pp", "remax")
+
 # hardware.device.
 Device = _options("Device", "cpu", "cuda")
 

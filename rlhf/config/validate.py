@@ -32,6 +32,7 @@ VALIDATORS = (
     groups.validate_reward_model,
     groups.validate_kl,
     groups.validate_gae,
+    groups.validate_advantage,
     groups.validate_hardware,
     groups.validate_parallelism,
     groups.validate_data,

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from rlhf.config.checks import check, non_negative, number, one_of, positive, positive_or_none, unit_interval
 from rlhf.config.options import (
     ZERO_STAGES,
+    AdvantageEstimator,
     CriticInit,
     DataTask,
     Device,
@@ -178,6 +179,19 @@ def validate_gae(cfg: Any) -> None:
     unit_interval("gae.gamma", cfg.gae.gamma)
     unit_interval("gae.lam", cfg.gae.lam)
     positive_or_none("gae.advantage_clip", cfg.gae.advantage_clip)
+    if cfg.gae.lam_critic is not None:
+        unit_interval("gae.lam_critic", cfg.gae.lam_critic)
+    positive_or_none("gae.lam_adaptive_alpha", cfg.gae.lam_adaptive_alpha)
+
+
+def validate_advantage(cfg: Any) -> None:
+    estimator, n = cfg.advantage.estimator, cfg.rollout.n
+    one_of("advantage.estimator", estimator, AdvantageEstimator)
+    if estimator in (AdvantageEstimator.grpo, AdvantageEstimator.rloo):
+        check(n >= 2, "rollout.n", n, f"advantage.estimator={estimator} compares samples of a prompt: needs >= 2")
+    if estimator != AdvantageEstimator.gae:
+        no_critic = f"advantage.estimator={estimator} builds no critic to share the actor's trunk: set it false"
+        check(not cfg.model.shared_critic, "model.shared_critic", cfg.model.shared_critic, no_critic)
 
 
 # Arguments of an optimizer node checked by name, whatever its _target_ (they mean the same in every
@@ -288,14 +302,17 @@ def validate_rollout(cfg: Any) -> None:
     positive("rollout.batch_size", cfg.rollout.batch_size)
     positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
     positive("rollout.temperature", cfg.rollout.temperature)
+    positive("rollout.n", cfg.rollout.n)
 
 
 def validate_ppo(cfg: Any) -> None:
-    ppo, batch_size = cfg.ppo, cfg.rollout.batch_size
+    ppo, batch_size, n = cfg.ppo, cfg.rollout.batch_size, cfg.rollout.n
     positive("ppo.epochs", ppo.epochs)
     positive("ppo.minibatch_size", ppo.minibatch_size)
-    divides = batch_size % ppo.minibatch_size == 0
-    check(divides, "ppo.minibatch_size", ppo.minibatch_size, f"must divide rollout.batch_size={batch_size}")
+    # The update's batch is every sample: rollout.batch_size prompts times rollout.n samples each.
+    samples = f"rollout.batch_size={batch_size}" if n == 1 else f"rollout.batch_size * rollout.n={batch_size * n}"
+    divides = batch_size * n % ppo.minibatch_size == 0
+    check(divides, "ppo.minibatch_size", ppo.minibatch_size, f"must divide {samples}")
     positive("ppo.clip_eps", ppo.clip_eps)
     positive_or_none("ppo.value_clip_eps", ppo.value_clip_eps)
     non_negative("ppo.vf_coef", ppo.vf_coef)

@@ -17,6 +17,10 @@ class ExperienceSettings:
     whiten_rewards: bool  # whiten the KL-shaped rewards, keeping their mean, before GAE
     whiten_advantages: bool  # whiten the advantages after GAE
     advantage_clip: float | None = None  # clamp the advantages to [-clip, clip] after whitening
+    estimator: str = "gae"  # advantage.estimator: gae, or critic-free grpo, rloo, reinforce_pp, remax
+    std_normalize: bool = True  # grpo: divide by the group's std (false: Dr. GRPO)
+    lam_critic: float | None = None  # GAE lambda of the returns (the critic's targets); None = lam
+    lam_adaptive_alpha: float | None = None  # the policy's lambda per sequence 1 - 1/(alpha * length); None = lam
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class PPOSettings:
     # precision of the forwards: "float32" runs without autocast
     device: str
     autocast_dtype: str
+    # rollout.n samples of each prompt, grouped (Samples.group_ids)
+    samples_per_prompt: int = 1
 
 
 class KLController(Protocol):
