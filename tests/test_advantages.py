@@ -24,6 +24,9 @@ from rlhf.core.advantages import (
 )
 from rlhf.core.gae import adaptive_lambda, compute_gae, decoupled_gae
 from rlhf.core.kl import shape_rewards
+from rlhf.core.types import Samples
+from rlhf.ppo.experience import make_experience, training_scores
+from rlhf.ppo.settings import ExperienceSettings
 from tests.helpers import REPO
 
 EPS = 1e-6  # grpo's eps in the denominator
@@ -229,6 +232,99 @@ def test_decoupled_gae_with_one_lambda_is_plain_gae_bitwise():
     plain = compute_gae(rewards, values, mask, gamma=1.0, lam=0.95)
     decoupled = decoupled_gae(rewards, values, mask, gamma=1.0, lam_policy=0.95, lam_critic=0.95)
     assert all(torch.equal(a, b) for a, b in zip(plain, decoupled, strict=True))
+
+
+# ---- in the experience and the rollout ---------------------------------------------------------------
+
+
+def as_samples(mask: torch.Tensor, group_ids: torch.Tensor, baseline: torch.Tensor | None = None) -> Samples:
+    batch, width = mask.shape
+    prompt = torch.ones(batch, 2, dtype=torch.long)
+    return Samples(
+        sequences=torch.cat([prompt, torch.full((batch, width), 7)], dim=1),
+        attention_mask=torch.cat([prompt, mask.long()], dim=1),
+        action_mask=mask.clone(),
+        num_actions=width,
+        response_length=mask.sum(dim=1).float(),
+        total_length=mask.sum(dim=1).float() + 2,
+        truncated=torch.zeros(batch, dtype=torch.bool),
+        prompts=["p"] * batch,
+        responses=["r"] * batch,
+        group_ids=group_ids,
+        baseline_scores=baseline,
+    )
+
+
+def settings_of(**changes) -> ExperienceSettings:
+    base = dict(kl_estimator="k1", gamma=0.99, lam=0.9, whiten_rewards=False, whiten_advantages=False)
+    return ExperienceSettings(**{**base, **changes})
+
+
+def experience_of(settings: ExperienceSettings, samples: Samples, scores: torch.Tensor, values: torch.Tensor):
+    gen = torch.Generator().manual_seed(9)
+    logprobs = -torch.rand(samples.action_mask.shape, generator=gen, dtype=torch.float64)
+    ref_logprobs = -torch.rand(samples.action_mask.shape, generator=gen, dtype=torch.float64)
+    args = dict(scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, kl_coef=0.1)
+    return make_experience(samples, **args, settings=settings)
+
+
+def test_make_experience_decouples_the_lambdas():
+    scores, _, mask, group_ids = ragged(7)
+    values = torch.randn(mask.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    plain = experience_of(settings_of(), as_samples(mask, group_ids), scores, values)
+    critic_lam = experience_of(settings_of(lam_critic=1.0), as_samples(mask, group_ids), scores, values)
+    monte_carlo = experience_of(settings_of(lam=1.0), as_samples(mask, group_ids), scores, values)
+    assert torch.equal(critic_lam.advantages, plain.advantages)  # the policy keeps gae.lam
+    assert torch.equal(critic_lam.returns, monte_carlo.returns)  # the critic's targets use lam_critic
+    assert not torch.equal(critic_lam.returns, plain.returns)
+    adaptive = experience_of(settings_of(lam_adaptive_alpha=0.25), as_samples(mask, group_ids), scores, values)
+    lams = [float(lam) for lam in adaptive_lambda(mask.sum(dim=1), alpha=0.25)]
+    expected_adv, _ = ref_gae(adaptive.rewards, adaptive.old_values, mask, 0.99, lams)
+    torch.testing.assert_close(adaptive.advantages, expected_adv)
+    assert torch.equal(adaptive.returns, plain.returns)
+
+
+@pytest.mark.parametrize("estimator", CRITIC_FREE)
+def test_make_experience_of_a_critic_free_estimator(estimator):
+    scores, _, mask, group_ids = ragged(8, n=2)
+    baseline = torch.randn(len(scores), dtype=torch.float64)
+    samples = as_samples(mask, group_ids, baseline)
+    exp = experience_of(
+        settings_of(estimator=estimator, whiten_advantages=True), samples, scores, torch.zeros(mask.shape)
+    )
+    expected, _ = outcome_advantages(
+        estimator,
+        rewards=exp.rewards,
+        scores=scores,
+        action_mask=mask,
+        group_ids=group_ids,
+        baseline_scores=baseline,
+        gamma=0.99,
+    )
+    # gae.whiten_advantages is gae's: the critic-free advantages are the estimator's own
+    torch.testing.assert_close(exp.advantages, expected)
+
+
+def test_remax_baselines_are_normalised_with_the_scores_and_a_nonfinite_one_drops_the_sample():
+    _, _, mask, group_ids = ragged(9, groups=2, n=2)
+    raw, baseline = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.5, 0.5, float("nan"), float("nan")])
+    samples = as_samples(mask, group_ids, baseline)
+    scores = training_scores(samples, raw, normalize=lambda x: 2 * x)
+    assert scores.tolist() == [2.0, 4.0, 0.0, 0.0]
+    assert samples.baseline_scores.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert not samples.action_mask[2:].any()
+
+
+def test_the_rollout_samples_each_prompt_n_times_in_groups(make_cfg):
+    from rlhf.app.build import build_trainer
+
+    trainer, _, _ = build_trainer(make_cfg("advantage=remax", "rollout.n=3"))
+    assert trainer.critic is None and trainer.critic_optimizer is None  # no critic built
+    samples = trainer.rollout.sample(["1+2=", "3+4="])
+    assert samples.prompts == ["1+2="] * 3 + ["3+4="] * 3
+    assert samples.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
+    greedy = trainer.rollout.score(trainer.rollout.generate(["1+2=", "3+4="], do_sample=False), where="test")
+    assert samples.baseline_scores.tolist() == greedy.repeat_interleave(3).tolist()
 
 
 # ---- end to end -------------------------------------------------------------------------------------
