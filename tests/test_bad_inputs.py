@@ -145,6 +145,24 @@ CASES = [
     (["ppo.vf_coef=-1"], "ppo.vf_coef=-1.0 is not allowed", BUILD),
     (["ppo.value_clip_eps=0"], "ppo.value_clip_eps=0.0 is not allowed", BUILD),
     (["gae.advantage_clip=0"], "gae.advantage_clip=0.0 is not allowed", BUILD),
+    # advantage estimators (issue 19): group methods need several samples per prompt, and no critic to share
+    (["advantage=grpo", "rollout.n=1"], "rollout.n=1 is not allowed: advantage.estimator=grpo compares", CLI),
+    (["advantage=rloo"], "rollout.n=1 is not allowed: advantage.estimator=rloo compares samples", BUILD),
+    (
+        ["advantage.estimator=ppo2"],
+        "advantage.estimator='ppo2' is not allowed: one of gae, grpo, rloo, reinforce_pp, remax",
+        BUILD,
+    ),
+    (["advantage=remax", "model.shared_critic=true"], "model.shared_critic=True is not allowed", BUILD),
+    (["gae.lam_critic=2"], "gae.lam_critic=2.0 is not allowed: must be in [0, 1]", BUILD),
+    (["gae.lam_adaptive_alpha=0"], "gae.lam_adaptive_alpha=0.0 is not allowed: must be > 0", BUILD),
+    (["rollout.n=0"], "rollout.n=0 is not allowed: must be > 0", BUILD),
+    (["rollout.n=100000"], "rollout.n=100000 is not allowed: must be <= 4096", BUILD),
+    (
+        ["rollout.n=3", "ppo.minibatch_size=16"],
+        "ppo.minibatch_size=16 is not allowed: must divide rollout.batch_size * rollout.n=24",
+        BUILD,
+    ),
     (["model.dtype=int8"], "model.dtype='int8' is not allowed: one of float32, bfloat16, float16", BUILD),
     (["hardware.device=tpu"], "hardware.device='tpu' is not allowed: one of cpu, cuda", BUILD),
     (
@@ -178,6 +196,11 @@ CASES = [
     (["data.overlong=cut"], "data.overlong='cut' is not allowed: one of error, filter, truncate", BUILD),
     (["reward.kind=oracle"], "reward.kind='oracle' is not allowed: one of function, model, http", BUILD),
     (["reward.clip=-1"], "reward.clip=-1.0 is not allowed", BUILD),
+    (
+        ["advantage=rloo", "rollout.n=2", "ppo.critic_warmup_steps=3"],
+        "ppo.critic_warmup_steps=3 is not allowed: trains the critic alone, and advantage=rloo has none",
+        BUILD,
+    ),
     (["reward=proxy"], "reward.kind='proxy' is not allowed: reward.kind=proxy is the reviews task's learned", BUILD),
     (
         ["experiment=overoptimization", "model.path=/models/actor"],

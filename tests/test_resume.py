@@ -37,16 +37,29 @@ def test_resume_is_exact(tmp_path, tiny_cache):
     assert rows[10]["objective/kl_coef"] != rows[1]["objective/kl_coef"]  # adaptive KL moved
 
 
-def assert_same_run(straight: Path, resumed: Path, steps) -> None:
-    """Every step logged once; metrics of ``steps`` (less wall-clock times) and final weights bitwise
-    equal; one W&B run."""
+@pytest.mark.slow
+def test_resume_is_exact_without_a_critic(tmp_path, tiny_cache):
+    # A critic-free estimator checkpoints the actor alone and resumes to the uninterrupted run.
+    straight, split, grpo = tmp_path / "straight", tmp_path / "split", ("advantage=grpo", "rollout.n=2")
+    assert resume_cli(straight, *grpo, "trainer.steps=6").returncode == 0
+    first = resume_cli(split, *grpo, "trainer.steps=3")
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = resume_cli(split, *grpo, "trainer.steps=6", "trainer.resume=true")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert_same_run(straight, split, range(4, 7), models=("actor",))
+    assert not list(split.glob("checkpoints/*/critic.safetensors"))
+
+
+def assert_same_run(straight: Path, resumed: Path, steps, models=("actor", "critic")) -> None:
+    """Every step logged once; metrics of ``steps`` (less wall-clock times) and final weights of
+    ``models`` bitwise equal; one W&B run."""
     a, b = metrics_by_step(straight), metrics_by_step(resumed)
     assert sorted(b) == sorted(a), "no duplicated or missing steps"
     lines = (resumed / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(b)
     for step in steps:
         assert a[step] == b[step], step
-    for name in ("actor", "critic"):
+    for name in models:
         final = f"checkpoints/step-{max(a):08d}/{name}.safetensors"
         weights_a, weights_b = load_file(straight / final), load_file(resumed / final)
         assert weights_a.keys() == weights_b.keys()

@@ -53,6 +53,16 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def built_proxy(
+    cfg: DictConfig, model_path: str, tokenizer_path: str, prompts: list[str]
+) -> tuple[str | None, dict[str, float]]:
+    """(folder, figures) of the proxy reward model with reward.kind=proxy, built on the first call (rank 0
+    only, in ``dist.main_first``); (None, {}) otherwise."""
+    if cfg.reward.kind != "proxy":
+        return None, {}
+    return ensure_proxy(cfg, actor_path=model_path, tokenizer_path=tokenizer_path, train_prompts=prompts)
+
+
 def resolve_critic_init(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> str:
     """``model.critic_init`` as the run will use it, decided from tokenizers before any model is loaded.
 
@@ -112,21 +122,18 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
             train_prompts=task_prompts,
             eval_prompts=eval_prompts,
         )
-        proxy_path, reward_figures = None, {}
-        if cfg.reward.kind == "proxy":
-            proxy_path, reward_figures = ensure_proxy(
-                cfg, actor_path=model_path, tokenizer_path=tokenizer_path, train_prompts=task_prompts
-            )
+        proxy_path, reward_figures = built_proxy(cfg, model_path, tokenizer_path, task_prompts)
     # Seed here, after the one step whose use of randomness depends on the cache (building the tiny
     # actor and proxy or finding them built): from now on the run is a function of its config alone.
     shuffle_generator = seed_everything(cfg.seed)
-    critic_init = resolve_critic_init(cfg, tokenizer)
+    critic_init = resolve_critic_init(cfg, tokenizer) if needs_critic(cfg) else None
     # 2. reward, then the models: actor, frozen reference, critic
     reward = build_reward(cfg.reward, device, path=proxy_path)
     actor, reference, critic = build_models(cfg, model_path, tokenizer, critic_init, device)
     # With FSDP each rank keeps its shard of the trained models (before optimizers are built on them).
     dist.shard_parameters(actor)
-    dist.shard_parameters(critic)
+    if critic is not None:
+        dist.shard_parameters(critic)
     if dist.world_size > 1:
         # Every rank built the same models from the same seed; from here each samples its own rollouts.
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
@@ -220,9 +227,14 @@ def fitted_tokenizer(
 
 
 def build_models(
-    cfg: DictConfig, model_path: str, tokenizer: PreTrainedTokenizerBase, critic_init: str, device: torch.device
-) -> tuple[torch.nn.Module, torch.nn.Module, Critic]:
-    """(actor, frozen reference, critic): a LoRA actor's reference is the actor with its adapters off."""
+    cfg: DictConfig,
+    model_path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    critic_init: str | None,
+    device: torch.device,
+) -> tuple[torch.nn.Module, torch.nn.Module, Critic | None]:
+    """(actor, frozen reference, critic): a LoRA actor's reference is the actor with its adapters off; no
+    critic (None) for a critic-free estimator."""
     actor = load_actor(
         model_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code, vocab_size=len(tokenizer)
     ).to(device)
@@ -233,6 +245,10 @@ def build_models(
         reference = AdapterDisabledReference(actor)
     else:
         reference = frozen_copy(actor)
+    if critic_init is None:
+        if cfg.hardware.gradient_checkpointing:
+            actor.activation_checkpointing_enable()
+        return actor, reference, None
     critic = build_critic(
         actor,
         tokenizer,
@@ -250,10 +266,10 @@ def build_models(
 
 
 def build_optimizers(
-    cfg: DictConfig, actor: torch.nn.Module, critic: Critic
+    cfg: DictConfig, actor: torch.nn.Module, critic: Critic | None
 ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
     """(actor's, critic's) optimizers; with a shared critic trunk one optimizer for the actor and the
-    value head, and None."""
+    value head, and None; without a critic (a critic-free estimator) the actor's and None."""
 
     def trainable(*modules: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for module in modules for p in module.parameters() if p.requires_grad]
@@ -261,6 +277,8 @@ def build_optimizers(
     if cfg.model.shared_critic:
         return hydra.utils.instantiate(cfg.optimizer.actor)(trainable(actor, critic.value_head)), None
     actor_optimizer = hydra.utils.instantiate(cfg.optimizer.actor)(trainable(actor))
+    if critic is None:
+        return actor_optimizer, None
     return actor_optimizer, hydra.utils.instantiate(cfg.optimizer.critic)(trainable(critic))
 
 
@@ -271,6 +289,8 @@ def ppo_settings(cfg: DictConfig) -> PPOSettings:
         kl_estimator=cfg.kl.estimator,
         **values_of(cfg.gae, "gamma", "lam", "whiten_rewards", "whiten_advantages", "advantage_clip"),
         kl_mode=cfg.kl.mode,
+        **values_of(cfg.advantage, "estimator", "std_normalize"),
+        **values_of(cfg.gae, "lam_critic", "lam_adaptive_alpha"),
     )
     return PPOSettings(
         **values_of(cfg.rollout, "max_new_tokens", "temperature"),
@@ -281,7 +301,13 @@ def ppo_settings(cfg: DictConfig) -> PPOSettings:
         **values_of(cfg.ppo, "max_grad_norm", "max_consecutive_skips"),
         **values_of(cfg.hardware, "device", "autocast_dtype"),
         **values_of(cfg.ppo, "clip_eps_low", "clip_eps_high", "dual_clip_c", "loss_agg", "critic_warmup_steps"),
+        samples_per_prompt=cfg.rollout.n,
     )
+
+
+def needs_critic(cfg: DictConfig) -> bool:
+    """Whether ``advantage.estimator`` learns a critic (gae); the critic-free ones build none."""
+    return cfg.advantage.estimator == "gae"
 
 
 def values_of(group: DictConfig, *keys: str) -> dict:

@@ -38,11 +38,13 @@ ENGINES = "deepspeed"  # a checkpoint's folder of DeepSpeed engine checkpoints
 
 
 def trained_models(trainer: PPOTrainer) -> dict[str, torch.nn.Module]:
-    return {"actor": trainer.actor, "critic": trainer.critic}
+    models = {"actor": trainer.actor, "critic": trainer.critic}
+    return {name: model for name, model in models.items() if model is not None}  # no critic: critic-free
 
 
 def trained_engines(trainer: PPOTrainer) -> dict[str, torch.nn.Module]:
-    return {"actor": trainer.train_actor, "critic": trainer.train_critic}
+    engines = {"actor": trainer.train_actor, "critic": trainer.train_critic}
+    return {name: engine for name, engine in engines.items() if engine is not None}
 
 
 def save_engines(trainer: PPOTrainer, folder: Path) -> dict[str, Path]:

@@ -139,6 +139,7 @@ SIZE_LIMITS: dict[str, tuple[int, str]] = {
     "reward.max_length": (131_072, "longer than any model's context"),
     # Whole batches of sequences are held (with their logits, per mini-batch) in memory at once.
     "rollout.batch_size": (65_536, "a rollout batch is generated and held in memory at once, per process"),
+    "rollout.n": (4_096, "every prompt's samples are generated and held in memory at once"),
     "reward.batch_size": (65_536, "a reward batch is scored (or sent) at once"),
     # The built-in tiny actor is built and warmed up on the CPU at start: a "tiny" model is small.
     "model.tiny.hidden_size": (4096, "the tiny actor is built and trained on the CPU at start"),

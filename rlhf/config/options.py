@@ -56,6 +56,9 @@ KLMode = _options("KLMode", "reward", "loss")
 # ppo.loss_agg: how per-token losses are averaged. rlhf.core.losses keeps its own tuple (the core never
 # imports the config); tests/test_ppo_knobs.py checks that the two agree.
 LossAgg = _options("LossAgg", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+# advantage.estimator: gae (with a critic) or a critic-free estimator. rlhf.core.advantages keeps its own
+# tuple (the core never imports the config); tests/test_advantages.py checks that the two agree.
+AdvantageEstimator = _options("AdvantageEstimator", "gae", "grpo", "rloo", "reinforce_pp", "remax")
 
 # hardware.device.
 Device = _options("Device", "cpu", "cuda")

@@ -122,6 +122,20 @@ class GAEConfig:
     whiten_advantages: bool = True
     # Clip advantages (after whitening) to [-advantage_clip, advantage_clip]; null = no clipping.
     advantage_clip: float | None = None
+    # Lambda of the critic's targets (returns); null = lam (decoupled GAE: Yuan et al. 2025, VC-PPO).
+    lam_critic: float | None = None
+    # Policy lambda per sequence 1 - 1/(alpha * response length); null = lam (Yue et al. 2025, VAPO, alpha 0.05).
+    lam_adaptive_alpha: float | None = None
+
+
+@dataclass
+class AdvantageConfig:
+    """The advantage estimator (conf/advantage/): gae with a critic, or a critic-free one."""
+
+    # gae (with a critic), grpo, rloo, reinforce_pp or remax (no critic); README's "Advantage estimators".
+    estimator: str = "gae"
+    # grpo: divide by the group's score std (false = Dr. GRPO, Liu et al. 2025).
+    std_normalize: bool = True
 
 
 @dataclass
@@ -201,12 +215,14 @@ class DataConfig:
 class RolloutConfig:
     """Generation."""
 
-    # Prompts per PPO step.
+    # Prompts per PPO step (each sampled n times: batch_size * n samples per step).
     batch_size: int = 64
     # Maximum response length in tokens.
     max_new_tokens: int = 4
     # Sampling temperature (also applied to the log-probs used for PPO).
     temperature: float = 1.0
+    # Samples per prompt, grouped by prompt (advantage=grpo and rloo need >= 2).
+    n: int = 1
 
 
 @dataclass
@@ -215,7 +231,7 @@ class PPOConfig:
 
     # Passes over the rollout batch.
     epochs: int = 4
-    # Samples per mini-batch; must divide rollout.batch_size.
+    # Samples per mini-batch; must divide rollout.batch_size * rollout.n.
     minibatch_size: int = 16
     # Policy ratio clip range epsilon.
     clip_eps: float = 0.2
@@ -304,6 +320,7 @@ class TrainConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
 
 
 def register_configs() -> None:

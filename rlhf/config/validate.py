@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rlhf.config import algorithm_validators as algorithm
 from rlhf.config import validators as groups
 from rlhf.config.checks import validate_finite, validate_known_keys, validate_sizes
 
@@ -30,13 +31,14 @@ VALIDATORS = (
     groups.validate_proxy,
     groups.validate_reward_scaling,
     groups.validate_reward_model,
-    groups.validate_kl,
-    groups.validate_gae,
+    algorithm.validate_kl,
+    algorithm.validate_gae,
+    algorithm.validate_advantage,
     groups.validate_hardware,
     groups.validate_parallelism,
     groups.validate_data,
-    groups.validate_rollout,
-    groups.validate_ppo,
+    algorithm.validate_rollout,
+    algorithm.validate_ppo,
     groups.validate_logging,
     groups.validate_trainer,
     groups.validate_optimizer,

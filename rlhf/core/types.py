@@ -21,6 +21,8 @@ class Samples:
     truncated: torch.Tensor  # (B,) bool, True when the response hit max_new_tokens without EOS
     prompts: list[str]  # the B raw prompts (before the chat template)
     responses: list[str]  # the B decoded responses, special tokens removed
+    group_ids: torch.Tensor | None = None  # (B,) long: samples of one prompt (rollout.n of them) share an id
+    baseline_scores: torch.Tensor | None = None  # (B,) remax: greedy response's score (raw, then trained-on)
 
 
 @dataclass

@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from rlhf.core.gae import compute_gae
+from rlhf.core.advantages import outcome_advantages
+from rlhf.core.gae import adaptive_lambda, compute_gae, decoupled_gae
 from rlhf.core.kl import kl_estimate, shape_rewards
 from rlhf.core.losses import logprobs_from_logits
 from rlhf.core.masked import masked_whiten
@@ -38,11 +39,23 @@ def training_scores(
 ) -> torch.Tensor:
     """(B,) scores PPO trains on: the finite (B,) ``raw_scores`` after ``normalize``. A sample with a
     non-finite score (``reward.on_nonfinite=mask``) loses its actions in ``samples.action_mask``:
-    advantage 0, out of every statistic; its training score is 0."""
+    advantage 0, out of every statistic; its training score is 0. With remax's (B,)
+    ``samples.baseline_scores`` those are normalised alongside (and replaced)."""
     finite = torch.isfinite(raw_scores)
+    baseline = samples.baseline_scores
+    if baseline is not None:  # remax: a sample whose greedy baseline is not finite is dropped too
+        finite &= torch.isfinite(baseline)
     samples.action_mask &= finite[:, None].to(samples.action_mask.device)
     scores = torch.zeros_like(raw_scores)
-    scores[finite] = normalize(raw_scores[finite])
+    if baseline is None:
+        scores[finite] = normalize(raw_scores[finite])
+        return scores
+    # remax: the greedy baselines normalised with the scores (one update of running statistics), so
+    # both are in the training reward's units; samples.baseline_scores then holds those.
+    both = normalize(torch.cat([raw_scores[finite], baseline[finite]]))
+    scores[finite] = both[: int(finite.sum())]
+    samples.baseline_scores = torch.zeros_like(baseline)
+    samples.baseline_scores[finite] = both[int(finite.sum()) :]
     return scores
 
 
@@ -68,8 +81,13 @@ def make_experience(
     rewards = shape_rewards(scores.to(kl.device), kl, reward_kl_coef, mask)
     if settings.whiten_rewards:
         rewards = masked_whiten(rewards, mask, keep_mean=True)
-    advantages, returns = compute_gae(rewards, old_values, mask, gamma=settings.gamma, lam=settings.lam)
-    if settings.whiten_advantages:
+    if settings.estimator != "gae":
+        advantages, returns = critic_free_advantages(samples, rewards=rewards, scores=scores, settings=settings)
+    elif settings.lam_critic is None and settings.lam_adaptive_alpha is None:
+        advantages, returns = compute_gae(rewards, old_values, mask, gamma=settings.gamma, lam=settings.lam)
+    else:
+        advantages, returns = decoupled_advantages(samples, rewards=rewards, values=old_values, settings=settings)
+    if settings.whiten_advantages and settings.estimator == "gae":
         advantages = masked_whiten(advantages, mask)
     if settings.advantage_clip is not None:
         advantages = advantages.clamp(-settings.advantage_clip, settings.advantage_clip)
@@ -85,4 +103,38 @@ def make_experience(
         rewards=rewards,
         advantages=advantages,
         returns=returns,
+    )
+
+
+def critic_free_advantages(
+    samples: Samples, *, rewards: torch.Tensor, scores: torch.Tensor, settings: ExperienceSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) advantages and returns of a critic-free estimator (``rlhf.core.advantages``) from the (B, A)
+    KL-shaped rewards and (B,) training scores, grouped by the samples' prompts."""
+    group_ids = samples.group_ids if samples.group_ids is not None else torch.arange(len(scores))
+    baseline = samples.baseline_scores
+    return outcome_advantages(
+        settings.estimator,
+        rewards=rewards,
+        scores=scores.to(rewards.device),
+        action_mask=samples.action_mask,
+        group_ids=group_ids.to(rewards.device),
+        baseline_scores=None if baseline is None else baseline.to(rewards.device),
+        gamma=settings.gamma,
+        std_normalize=settings.std_normalize,
+    )
+
+
+def decoupled_advantages(
+    samples: Samples, *, rewards: torch.Tensor, values: torch.Tensor, settings: ExperienceSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE with the policy's lambda (per sequence with ``lam_adaptive_alpha``) for the (B, A) advantages
+    and ``lam_critic`` for the (B, A) returns."""
+    lam_policy = settings.lam
+    if settings.lam_adaptive_alpha is not None:
+        lengths = samples.action_mask.sum(dim=1)
+        lam_policy = adaptive_lambda(lengths, alpha=settings.lam_adaptive_alpha).to(values.device)
+    lam_critic = settings.lam if settings.lam_critic is None else settings.lam_critic
+    return decoupled_gae(
+        rewards, values, samples.action_mask, gamma=settings.gamma, lam_policy=lam_policy, lam_critic=lam_critic
     )

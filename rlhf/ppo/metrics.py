@@ -111,8 +111,8 @@ def value_metrics(*, values: torch.Tensor, returns: torch.Tensor, mask: torch.Te
     }
 
 
-def rollout_metrics(samples: Samples, exp: Experience, kl_coef: float) -> dict[str, float]:
-    """Objective, KL, advantage and rollout statistics of one batch."""
+def rollout_metrics(samples: Samples, exp: Experience, kl_coef: float, *, critic: bool = True) -> dict[str, float]:
+    """Objective, KL, advantage and rollout statistics of one batch (and the critic's, when there is one)."""
     mask = exp.action_mask
     k1 = (exp.old_logprobs - exp.ref_logprobs) * mask
     num_tokens = mask.sum().clamp(min=1)
@@ -124,7 +124,8 @@ def rollout_metrics(samples: Samples, exp: Experience, kl_coef: float) -> dict[s
         "objective/kl_coef": kl_coef,
         "objective/entropy": (-exp.old_logprobs * mask).sum(dim=1).mean().item(),
         "objective/neg_kl_frac": ((k1 < 0) & mask).sum().item() / num_tokens.item(),
-        **value_metrics(values=exp.old_values, returns=exp.returns, mask=mask),  # the values before the update
+        # the values before the update
+        **(value_metrics(values=exp.old_values, returns=exp.returns, mask=mask) if critic else {}),
         "adv/mean": masked_mean(exp.advantages, mask).item(),
         "adv/std": masked_var(exp.advantages, mask).sqrt().item(),
         "rollout/response_length": samples.response_length.mean().item(),

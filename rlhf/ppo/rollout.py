@@ -55,6 +55,9 @@ def gather_rollout(
         truncated=gather(samples.truncated),
         prompts=dist.gather_objects(samples.prompts),
         responses=dist.gather_objects(samples.responses),
+        # every rank's prompts numbered apart (its share of the global batch is the same size on every rank)
+        group_ids=gather(samples.group_ids + dist.rank * len(samples.group_ids)),
+        baseline_scores=None if samples.baseline_scores is None else gather(samples.baseline_scores),
     )
     return (gathered, *(gather(tensor) for tensor in per_sample))
 
@@ -69,7 +72,7 @@ class Rollout:
         *,
         actor: nn.Module,
         reference: nn.Module,
-        critic: Critic,
+        critic: Critic | None,
         reward: Callable[[list[str], list[str]], torch.Tensor],
         tokenizer: PreTrainedTokenizerBase,
         settings: PPOSettings,
@@ -101,6 +104,18 @@ class Rollout:
             synced=self.dist.sharded,
         )
 
+    def sample(self, prompts: list[str]) -> Samples:
+        """The rollout of a PPO step: ``samples_per_prompt`` responses to each prompt, next to each other
+        and sharing a group id; with remax also each prompt's greedy response, scored (the baseline)."""
+        n = self.settings.samples_per_prompt
+        samples = self.generate([prompt for prompt in prompts for _ in range(n)])
+        samples.group_ids = torch.arange(len(prompts)).repeat_interleave(n)
+        if self.settings.experience.estimator == "remax":
+            greedy = self.generate(prompts, do_sample=False)
+            baseline = self.score(greedy, where="the greedy baseline (advantage=remax)")
+            samples.baseline_scores = baseline.repeat_interleave(n)
+        return samples
+
     def score(self, samples: Samples, *, where: str) -> torch.Tensor:
         """(B,) scores of the reward (see ``checked_scores``); ``where`` names the step in errors."""
         scores = self.reward(samples.prompts, samples.responses).float()
@@ -114,6 +129,8 @@ class Rollout:
     def score_and_values(self, samples: Samples, *, where: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) scores (see ``score``) and (B, A) critic values of a rollout."""
         scores = self.score(samples, where=where)
+        if self.critic is None:  # a critic-free estimator: no value forward
+            return scores, torch.zeros(samples.action_mask.shape, device=samples.action_mask.device)
         with self.autocast():
             return scores, compute_values(self.critic, samples)
 
@@ -133,7 +150,8 @@ class Rollout:
         # the reward on the decoded text and the critic's values; the actor's and the reference's
         # log-probs: two halves, at once with hardware.parallel_models
         self.actor.eval()
-        self.critic.eval()
+        if self.critic is not None:
+            self.critic.eval()
         (raw_scores, values), (logprobs, ref_logprobs) = self.threads.run(
             partial(self.score_and_values, samples, where=f"step {step}"), partial(self.policy_logprobs, samples)
         )

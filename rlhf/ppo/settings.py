@@ -18,6 +18,10 @@ class ExperienceSettings:
     whiten_advantages: bool  # whiten the advantages after GAE
     advantage_clip: float | None = None  # clamp the advantages to [-clip, clip] after whitening
     kl_mode: str = "reward"  # "reward": -beta * kl shapes the rewards; "loss": no KL in them (the policy loss has it)
+    estimator: str = "gae"  # advantage.estimator: gae, or critic-free grpo, rloo, reinforce_pp, remax
+    std_normalize: bool = True  # grpo: divide by the group's std (false: Dr. GRPO)
+    lam_critic: float | None = None  # GAE lambda of the returns (the critic's targets); None = lam
+    lam_adaptive_alpha: float | None = None  # the policy's lambda per sequence 1 - 1/(alpha * length); None = lam
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,8 @@ class PPOSettings:
     dual_clip_c: float | None = None
     loss_agg: str = "token_mean"  # "token_mean", "seq_mean_token_mean" or "seq_mean_token_sum"
     critic_warmup_steps: int = 0
+    # rollout.n samples of each prompt, grouped (Samples.group_ids)
+    samples_per_prompt: int = 1
 
 
 class KLController(Protocol):

@@ -74,6 +74,7 @@ class PPOTrainer:
         # or DeepSpeed engines (the critic sharing the actor's trunk is one process only).
         self.train_actor = self.dist.wrap(self.actor, actor_optimizer)
         self.train_critic = self.dist.wrap(self.critic, critic_optimizer) if critic_optimizer else self.critic
+        # A critic-free estimator (advantage.estimator other than gae) has neither critic nor its optimizer.
         self.skips = SkipCounter(list(self.optimizers()), limit=settings.max_consecutive_skips)
 
     def step(self, prompts: list[str]) -> StepResult:
@@ -82,7 +83,7 @@ class PPOTrainer:
         t0 = time.perf_counter()
         # 1. rollout: sample responses with the actor
         with self.rollout.autocast():
-            samples = self.rollout.generate(self.dist.shard(prompts))
+            samples = self.rollout.sample(self.dist.shard(prompts))
         t1 = time.perf_counter()
         generated = samples.response_length.sum().item()
         # 2-3. score, experience forwards, KL-shaped rewards, GAE advantages and returns
@@ -101,10 +102,10 @@ class PPOTrainer:
         t3 = time.perf_counter()
         # 5. KL controller: move beta towards its target (no-op when fixed)
         kl_per_seq = ((exp.old_logprobs - exp.ref_logprobs) * exp.action_mask).sum(dim=1)
-        self.kl_controller.update(kl_per_seq.mean().item(), len(prompts))
+        self.kl_controller.update(kl_per_seq.mean().item(), len(kl_per_seq))  # samples: rollout.n per prompt
         self.steps_done += 1
         # 6. metrics
-        metrics = rollout_metrics(samples, exp, kl_coef)
+        metrics = rollout_metrics(samples, exp, kl_coef, critic=self.critic is not None)
         metrics.update(score_metrics(raw_scores=raw_scores, scores=exp.scores, finite=torch.isfinite(raw_scores)))
         if self.rollout.gold is not None:  # the task's gold reward, never trained on
             gold = torch.tensor(self.rollout.gold(samples.prompts, samples.responses), dtype=torch.float32)
@@ -149,7 +150,8 @@ class PPOTrainer:
         batch_size = exp.sequences.shape[0]  # the global batch: every rank holds all of it
         orders = [torch.randperm(batch_size, generator=self.generator) for _ in range(self.settings.epochs)]
         self.actor.train()
-        self.critic.train()
+        if self.critic is not None:
+            self.critic.train()
         self.threads.cancelled.clear()
         learners = self.learners()
         if len(learners) == 1:
@@ -172,6 +174,9 @@ class PPOTrainer:
         # of the root's parameters on the module from its forward to the end of its backward.
         actor_params, settings = parameters_of(self.actor_optimizer), self.settings
         kl_coef = self.kl_controller.value  # kl.mode=loss: this iteration's beta weights the policy's KL term
+        if self.critic is None:  # critic-free: the policy alone
+            actor_objective = partial(policy_objective, self.train_actor, settings=settings, kl_coef=kl_coef)
+            return [Learner("actor", self.train_actor, self.actor_optimizer, actor_objective, {"actor": actor_params})]
         if self.critic_optimizer is None:
             head = list(self.critic.value_head.parameters())
             trunk = [p for p in actor_params if all(p is not h for h in head)]

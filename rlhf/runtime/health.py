@@ -103,21 +103,23 @@ class HealthMonitor:
         length = metrics["rollout/response_length"]
         if self.first_length is None:
             self.first_length = length
-        self.value_variances.append((metrics["val/residual_var"], metrics["val/returns_var"]))
-        self.value_variances = self.value_variances[-EXPLAINED_VAR_WINDOW:]
-        explained_var = pooled_explained_variance(
-            residual_vars=[residual for residual, _ in self.value_variances],
-            returns_vars=[returns for _, returns in self.value_variances],
-        )
         health = {
             "health/ratio_dev_first": metrics["policy/ratio_dev_first"],
             "health/neg_kl_frac": metrics["objective/neg_kl_frac"],
             "health/truncation_rate": 1.0 - metrics["rollout/eos_rate"],
             "health/length_drift": length / max(self.first_length, 1e-9) - 1.0,
-            "health/explained_var": explained_var,
-            "health/clipfrac": metrics["policy/clipfrac"],
         }
+        if "val/residual_var" in metrics:  # a critic-free estimator (advantage=grpo...) has no values
+            self.value_variances.append((metrics["val/residual_var"], metrics["val/returns_var"]))
+            self.value_variances = self.value_variances[-EXPLAINED_VAR_WINDOW:]
+            health["health/explained_var"] = pooled_explained_variance(
+                residual_vars=[residual for residual, _ in self.value_variances],
+                returns_vars=[returns for _, returns in self.value_variances],
+            )
+        health["health/clipfrac"] = metrics["policy/clipfrac"]
         for check in CHECKS:
+            if check.key not in health:
+                continue
             value = health[check.key]
             if check.key not in self.warned and check.is_bad(value):
                 self.warned.add(check.key)
