@@ -37,7 +37,10 @@ def rows(samples, start: int, end: int):
     """Rows start..end of a rollout (tensors and text) as this rank would have sampled them: prompts
     left-padded to their own longest, responses as long as their own longest, so that the ranks'
     shapes differ and gathering must pad them again."""
-    fields = [f.name for f in dataclasses.fields(samples) if f.name != "num_actions"]
+    # Optional fields a rollout leaves None (group ids without rollout.n, remax's baseline scores) stay None.
+    fields = [
+        f.name for f in dataclasses.fields(samples) if f.name != "num_actions" and getattr(samples, f.name) is not None
+    ]
     part = dataclasses.replace(samples, **{name: getattr(samples, name)[start:end] for name in fields})
     prompt_mask = part.attention_mask[:, : -part.num_actions]
     first = int(prompt_mask.any(dim=0).int().argmax())  # the first prompt column with a real token
