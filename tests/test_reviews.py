@@ -212,3 +212,17 @@ def test_reward_gold_trains_on_the_gold_itself(tmp_path, tiny_cache):
     for step in (1, 2):
         assert rows[step]["objective/gold_scores"] == pytest.approx(rows[step]["objective/scores"], abs=1e-6)
     assert rows[2]["eval/gold_score"] == pytest.approx(rows[2]["eval/score"], abs=1e-6)
+
+
+def test_the_progress_bar_shows_the_gold_where_the_task_has_one():
+    from rlhf.app.run import show_progress
+
+    class Bar:
+        def set_postfix(self, **figures):
+            self.figures = figures
+
+    bar, metrics = Bar(), {"objective/scores": 0.5, "objective/kl": 1.25}
+    show_progress(bar, metrics, step=1, steps=2, quiet=False)
+    assert bar.figures == {"reward": "0.500", "kl": "1.250"}
+    show_progress(bar, {**metrics, "objective/gold_scores": -0.75}, step=1, steps=2, quiet=False)
+    assert bar.figures == {"reward": "0.500", "kl": "1.250", "gold": "-0.750"}

@@ -210,7 +210,8 @@ def ppo_loop(
 
 def show_progress(bar: tqdm, metrics: dict[str, float], *, step: int, steps: int, quiet: bool) -> None:
     """The step's reward and KL on the progress bar; without a bar, one log line per evaluation."""
-    bar.set_postfix(reward=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+    gold = {"gold": f"{metrics['objective/gold_scores']:.3f}"} if "objective/gold_scores" in metrics else {}
+    bar.set_postfix(reward=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}", **gold)
     if quiet and "eval/score" in metrics:
         figures = (metrics["objective/scores"], metrics["objective/kl"], metrics["eval/score"])
         gold = f", held-out gold {metrics['eval/gold_score']:.3f}" if "eval/gold_score" in metrics else ""
