@@ -1,21 +1,33 @@
-"""Seconds per PPO iteration of ``rlhf`` and of TRL's PPOTrainer (trl==1.12.0) on one fixed workload.
+"""Seconds per PPO iteration of ``rlhf`` and of TRL's PPOTrainer (trl==1.12.0) on one fixed workload,
+in float32 and in bf16.
 
     pip install -e ".[bench]"
     python benchmarks/ppo_vs_trl.py                          # workload "tiny", 5 A/B repetitions, 1 thread
-    python benchmarks/ppo_vs_trl.py --threads 2              # both on 2 threads (rlhf: parallel_models)
-    python benchmarks/ppo_vs_trl.py --workload small --threads 2 --repeats 2 --iterations 2
+    python benchmarks/ppo_vs_trl.py --threads 2              # every system on 2 threads (rlhf: parallel_models)
+    python benchmarks/ppo_vs_trl.py --systems all            # the five systems below, side by side
+    python benchmarks/ppo_vs_trl.py --workload qwen-vocab --systems all --repeats 3 --iterations 2
     python benchmarks/ppo_vs_trl.py --workload small --threads 2 --scaling --repeats 1 --iterations 1
 
-Both systems load the same policy, reward model and tokenizer from one folder built here (nothing
-is downloaded) and train on the same chat-templated prompts. Each repetition runs each system in a
-fresh subprocess, alternating, so that drift in the machine's load hits both; a subprocess runs one
-warm-up iteration and then ``--iterations`` timed ones. Printed: one JSON line per system (median
-and spread of seconds per iteration, phase breakdown, generated tokens/s, peak RSS, GFLOP/s against
-this machine's fp32 matmul peak measured here), then one line with the ratios.
+Workloads (workloads.py): "tiny" and "small" (320-token BPE vocabulary), "qwen-vocab" (Qwen2.5's 151,936-token
+vocabulary on a hidden-256, 4-layer trunk). Systems (systems.py): rlhf, rlhf-bf16, trl (float32),
+trl-bf16-autocast, trl-bf16-weights.
 
-FLOPs are the workload's model FLOPs, the same count for both systems: 2 per weight per token for a
-forward (generation, reference, value and reward forwards), 6 for a forward + backward (each PPO
-epoch, actor and critic), over the real (unpadded) tokens; attention scores are left out.
+Every system loads the same policy, reward model and tokenizer from one folder built here (nothing is
+downloaded) and trains on the same chat-templated prompts. Each repetition runs each system in a fresh
+subprocess, alternating the order, so that drift in the machine's load hits all of them; a subprocess runs
+one warm-up iteration and then ``--iterations`` timed ones. Printed: one JSON line per system (median and
+spread of seconds per iteration, phase breakdown, generated tokens/s, peak RSS, GFLOP/s of the whole
+iteration and of the update against the float32 and the bf16 matmul peaks, and ``precision``: the dtypes
+the warm-up iteration's Linear layers really computed in, with and without grad, and whether autocast was
+on), then one line of ratios per system against TRL float32 and, for rlhf, against TRL bf16 (the faster of
+the two TRL bf16 variants that ran).
+
+FLOPs are the workload's model FLOPs, the same count for every system: 2 per weight per token for a forward
+(generation, reference, value and reward forwards), 6 for a forward + backward (each PPO epoch, actor and
+critic), over every nn.Linear (the LM head included) and the real (unpadded) tokens; attention scores are
+left out. The peaks (peaks.py) are the rates of the same products, one mini-batch's forward + backward of
+every Linear, in float32 and in bf16, measured before and after the runs (the higher of the two); the square
+float32 peak of the earlier README tables is printed beside them for comparison with those.
 """
 
 from __future__ import annotations
@@ -149,7 +161,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="A/B repetitions (one subprocess per system each)")
     parser.add_argument("--iterations", type=int, default=3, help="timed PPO iterations per subprocess")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every system")
-    parser.add_argument("--systems", default="rlhf,trl", help=f"comma-separated, among: {', '.join(SYSTEMS)}")
+    parser.add_argument(
+        "--systems", default="rlhf,trl", help=f"comma-separated, among: {', '.join(SYSTEMS)}; or all of them: all"
+    )
     parser.add_argument(
         "--scaling", action="store_true", help="rlhf alone: a table over batch size and response length"
     )
@@ -158,7 +172,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workload-json", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.systems = args.systems.split(",")
+    args.systems = list(SYSTEMS) if args.systems == "all" else args.systems.split(",")
     unknown = [s for s in args.systems if s not in SYSTEMS]
     if unknown:
         parser.error(f"--systems: unknown {', '.join(unknown)}; allowed: {', '.join(SYSTEMS)}")

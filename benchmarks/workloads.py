@@ -41,7 +41,7 @@ WORKLOADS = {
     "small": Workload(512, 8, 8, 4, 1408, 320, prompts_per_step=32, new_tokens=32, ppo_epochs=4, mini_batches=4),
     # the seed's vocabulary on a small trunk: the 38.9M-weight embedding / LM head dominates (3.2M in the
     # layers); intermediate 704 = 2.75 x hidden as in "small". 16 prompts and 2 x 2 mini-batches of 8 keep one
-    # iteration at seconds while every mini-batch forward still runs the LM head on ~640 tokens.
+    # iteration at seconds while every mini-batch forward still runs the LM head on ~700 tokens.
     "qwen-vocab": Workload(
         256,
         4,
