@@ -32,6 +32,7 @@ from rlhf.models.loading import (
     load_tokenizer,
     trunk_of,
 )
+from rlhf.models.master_weights import with_master_weights
 from rlhf.ppo.rollout import Rollout
 from rlhf.ppo.settings import ExperienceSettings, PPOSettings
 from rlhf.ppo.trainer import PPOTrainer
@@ -157,7 +158,7 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
 def ppo_trainer(cfg: DictConfig, rollout: Rollout, shuffle_generator: torch.Generator) -> PPOTrainer:
     """The trainer of ``rollout``'s actor and critic: optimizers, LR schedulers, KL controller and
     reward normalizer as configured."""
-    actor_optimizer, critic_optimizer = build_optimizers(cfg, rollout.actor, rollout.critic)
+    actor_optimizer, critic_optimizer = build_optimizers(cfg, rollout.actor, rollout.critic, rollout.dist)
     return PPOTrainer(
         rollout=rollout,
         reward_normalizer=RewardNormalizer(
@@ -266,20 +267,36 @@ def build_models(
 
 
 def build_optimizers(
-    cfg: DictConfig, actor: torch.nn.Module, critic: Critic | None
+    cfg: DictConfig, actor: torch.nn.Module, critic: Critic | None, dist: Distributed
 ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
-    """(actor's, critic's) optimizers; with a shared critic trunk one optimizer for the actor and the
-    value head, and None; without a critic (a critic-free estimator) the actor's and None."""
+    """(actor's, critic's) optimizers, on float32 masters if ``uses_master_weights``; with a shared critic
+    trunk one for the actor and the value head, and None; without a critic the actor's and None."""
 
     def trainable(*modules: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for module in modules for p in module.parameters() if p.requires_grad]
 
+    masters = uses_master_weights(cfg, dist)
+
+    def optimizer(name: str, *modules: torch.nn.Module) -> torch.optim.Optimizer:
+        factory = hydra.utils.instantiate(cfg.optimizer[name])
+        return (with_master_weights(factory) if masters else factory)(trainable(*modules))
+
     if cfg.model.shared_critic:
-        return hydra.utils.instantiate(cfg.optimizer.actor)(trainable(actor, critic.value_head)), None
-    actor_optimizer = hydra.utils.instantiate(cfg.optimizer.actor)(trainable(actor))
+        return optimizer("actor", actor, critic.value_head), None
+    actor_optimizer = optimizer("actor", actor)
     if critic is None:
         return actor_optimizer, None
-    return actor_optimizer, hydra.utils.instantiate(cfg.optimizer.critic)(trainable(critic))
+    return actor_optimizer, optimizer("critic", critic)
+
+
+def uses_master_weights(cfg: DictConfig, dist: Distributed) -> bool:
+    """Whether the optimizers step float32 masters of bfloat16/float16 weights (``optimizer.master_weights``):
+    not with float32 weights, nor with DeepSpeed (its engines keep their own masters), nor with FSDP (left as
+    it was: its optimizer state dicts are keyed by the sharded parameters; AdamW steps the low-precision shards)."""
+    wanted = cfg.optimizer.master_weights and cfg.model.dtype != "float32" and not dist.saves_engines
+    if wanted and dist.sharded:
+        log.warning("optimizer.master_weights: not supported with hardware.distributed=fsdp (AdamW steps the shards)")
+    return wanted and not dist.sharded
 
 
 def ppo_settings(cfg: DictConfig) -> PPOSettings:

@@ -146,6 +146,8 @@ class OptimizerConfig:
     actor: Any = MISSING
     critic: Any = MISSING
     scheduler: Any = MISSING
+    # With model.dtype bfloat16/float16: step float32 master copies of the trained weights, state in float32.
+    master_weights: bool = True
 
 
 # The names of hardware.distributed, as a tuple for the runtime's own check.
