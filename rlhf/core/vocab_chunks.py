@@ -57,6 +57,7 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
                 lse.append(z_lse)
         ctx.save_for_backward(h, weight, bias, targets, torch.cat(lse))
         ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
+        ctx.set_materialize_grads(False)  # an unused output's gradient comes as None: its terms are skipped
         return torch.cat(logprobs), torch.cat(entropy)
 
     @staticmethod
