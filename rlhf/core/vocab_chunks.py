@@ -35,7 +35,12 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, te
     logits = h.to(weight.dtype) @ weight.T
     if bias is not None:
         logits = logits + bias
-    return logits.to(torch.promote_types(torch.float32, logits.dtype)) / temperature
+    return logits.to(torch.promote_types(torch.float32, logits.dtype)).div_(temperature)  # a fresh tensor
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(C,) dot products of the rows of two (C, V) tensors, as a batched matmul: no (C, V) product in memory."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
 
 
 class ChunkedLogprobEntropy(torch.autograd.Function):
@@ -51,9 +56,9 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
                 rows = slice(start, start + chunk_tokens)
                 z = _logits(h[rows], w, bias, temperature)  # (C, V)
                 z_lse = torch.logsumexp(z, dim=-1)  # (C,)
-                p = torch.exp(z - z_lse[:, None])
+                p = (z - z_lse[:, None]).exp_()
                 logprobs.append(z.gather(1, targets[rows, None]).squeeze(1) - z_lse)
-                entropy.append(z_lse - (p * z).sum(dim=-1))
+                entropy.append(z_lse - _row_dot(p, z))
                 lse.append(z_lse)
         ctx.save_for_backward(h, weight, bias, targets, torch.cat(lse))
         ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
@@ -97,13 +102,13 @@ def _chunked_backward(h, *, weight, bias, targets, lse, grad_logprob, grad_entro
         rows = slice(start, start + chunk_tokens)
         h_c = h[rows]
         z = _logits(h_c, w, bias, temperature)  # (C, V), recomputed
-        p = torch.exp(z - lse[rows, None])
+        p = (z - lse[rows, None]).exp_()
         # gz = g_lp * (onehot - p) + g_ent * (-p * (z - s)) = -p * (g_lp + g_ent * (z - s)) + g_lp * onehot,
         # built in place in z's storage
         if grad_entropy is None:
             coef = z.zero_()
         else:
-            s = (p * z).sum(dim=-1, keepdim=True)
+            s = _row_dot(p, z)[:, None]
             coef = z.sub_(s).mul_(grad_entropy[rows, None].to(z.dtype))
         if grad_logprob is not None:
             g_lp = grad_logprob[rows, None].to(z.dtype)
