@@ -24,8 +24,9 @@ PLAIN_HEAD_CLASSES = frozenset({"Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaFo
 # hardware.logits_chunk_tokens=auto chunks models with a vocabulary at least this large (Qwen2.5: 151,936;
 # the tiny models' ~40 tokens stay on the plain path, bitwise as before) ...
 AUTO_MIN_VOCAB = 32_768
-# ... by this many tokens: (512, 151,936) float32 logits are 311 MB per temporary.
-AUTO_CHUNK_TOKENS = 512
+# ... by this many tokens: (256, 151,936) float32 logits are 156 MB per temporary (benchmarks/vocab_chunks.py:
+# 64 to 1024 tokens ran equally fast there, peak RSS grew with the chunk).
+AUTO_CHUNK_TOKENS = 256
 
 
 def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
