@@ -304,3 +304,14 @@ def test_bad_chunk_setting_names_the_key(tmp_path, tiny_cache, value):
     result, _, _ = short_run(tmp_path, tiny_cache, f"hardware.logits_chunk_tokens={value}")
     assert result.returncode != 0
     assert "hardware.logits_chunk_tokens" in result.stderr and "auto" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "hardware, expected", [("cpu", "auto"), ("ddp_cpu", "auto"), ("fsdp_cpu", None), ("deepspeed_zero2", None)]
+)
+def test_sharded_backends_keep_the_plain_path(hardware, expected):
+    # FSDP shards the LM head and DeepSpeed wraps the model: experience and update both take the plain path
+    from rlhf.app.build import ppo_settings
+    from tests.helpers import compose
+
+    assert ppo_settings(compose([f"hardware={hardware}"])).logits_chunk_tokens == expected
