@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from rlhf.app.proxy import ensure_proxy
 from rlhf.app.tasks import gold_reward_of, resolve_actor_paths
+from rlhf.config.options import DistributedKind
 from rlhf.core.kl import make_kl_controller
 from rlhf.data.prompts import fit_prompt_lengths, load_prompts
 from rlhf.models.critic import Critic, build_critic, shares_vocabulary
@@ -299,6 +300,10 @@ def uses_master_weights(cfg: DictConfig, dist: Distributed) -> bool:
     return wanted and not dist.sharded
 
 
+# hardware.distributed backends that shard or wrap the LM head: log-probs from the (B, A, V) logits.
+UNCHUNKED = (DistributedKind.fsdp, DistributedKind.deepspeed)
+
+
 def ppo_settings(cfg: DictConfig) -> PPOSettings:
     """The settings of the PPO iteration, read once from the config groups rollout, data, reward, kl,
     gae, ppo and hardware (each field by its key's name)."""
@@ -319,6 +324,8 @@ def ppo_settings(cfg: DictConfig) -> PPOSettings:
         **values_of(cfg.hardware, "device", "autocast_dtype"),
         **values_of(cfg.ppo, "clip_eps_low", "clip_eps_high", "dual_clip_c", "loss_agg", "critic_warmup_steps"),
         samples_per_prompt=cfg.rollout.n,
+        # FSDP and DeepSpeed shard or wrap the LM head: the plain path (the same in experience and update)
+        logits_chunk_tokens=None if cfg.hardware.distributed in UNCHUNKED else cfg.hardware.logits_chunk_tokens,
     )
 
 

@@ -179,6 +179,9 @@ class HardwareConfig:
     # deepspeed, ZeRO-3: tensors with fewer elements than this stay whole on every rank (DeepSpeed's
     # stage3_param_persistence_threshold; 0 shards every one).
     zero3_persistence_threshold: int = 100_000
+    # Log-probs and entropy a chunk of this many response tokens at a time, never the (B, A, V) logits: "auto"
+    # (256 when the vocabulary has >= 32,768 tokens, e.g. Qwen2.5's 151,936), a number, or null/0 (off).
+    logits_chunk_tokens: str | None = "auto"
 
 
 @dataclass

@@ -4,6 +4,7 @@ composed config (a relation may name another group's key) and raises ``ConfigErr
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,10 @@ def validate_hardware(cfg: Any) -> None:
     one_of("hardware.distributed", hardware.distributed, DistributedKind)
     one_of("hardware.zero_stage", hardware.zero_stage, ZERO_STAGES)
     non_negative("hardware.zero3_persistence_threshold", hardware.zero3_persistence_threshold)
+    chunk = hardware.logits_chunk_tokens
+    allowed = '"auto", a number of tokens >= 1, or null/0 (the plain path, whole logits)'
+    ok = chunk is None or chunk == "auto" or re.fullmatch("[0-9]+", chunk) is not None
+    check(ok, "hardware.logits_chunk_tokens", chunk, allowed)
 
 
 def validate_parallelism(cfg: Any) -> None:

@@ -13,19 +13,21 @@ import torch
 from rlhf.core.advantages import outcome_advantages
 from rlhf.core.gae import adaptive_lambda, compute_gae, decoupled_gae
 from rlhf.core.kl import kl_estimate, shape_rewards
-from rlhf.core.losses import logprobs_from_logits
 from rlhf.core.masked import masked_whiten
 from rlhf.core.types import Experience, Samples
-from rlhf.models.actions import action_logits
+from rlhf.models.actions import action_logprobs
 from rlhf.models.critic import action_values
 from rlhf.ppo.settings import ExperienceSettings
 
 
 @torch.no_grad()
-def compute_logprobs(model, samples: Samples, temperature: float) -> torch.Tensor:
-    """(B, A) log-probs of the sampled response tokens under ``model``."""
-    logits = action_logits(model, samples.sequences, samples.attention_mask, samples.num_actions, temperature)
-    return logprobs_from_logits(logits, samples.sequences[:, -samples.num_actions :])
+def compute_logprobs(
+    model, samples: Samples, temperature: float, *, logits_chunk_tokens: str | None = None
+) -> torch.Tensor:
+    """(B, A) log-probs of the sampled response tokens under ``model``, on the path the update takes
+    (``hardware.logits_chunk_tokens``), so the first mini-batch's ratio is 1."""
+    chunk = {"temperature": temperature, "logits_chunk_tokens": logits_chunk_tokens}
+    return action_logprobs(model, samples.sequences, samples.attention_mask, samples.num_actions, **chunk)[0]
 
 
 @torch.no_grad()

@@ -136,10 +136,10 @@ class Rollout:
 
     def policy_logprobs(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A) log-probs of the sampled tokens under the actor and under the reference."""
-        temperature = self.settings.temperature
+        temperature, chunk = self.settings.temperature, self.settings.logits_chunk_tokens
         with self.autocast():
-            return compute_logprobs(self.actor, samples, temperature), compute_logprobs(
-                self.reference, samples, temperature
+            return compute_logprobs(self.actor, samples, temperature, logits_chunk_tokens=chunk), compute_logprobs(
+                self.reference, samples, temperature, logits_chunk_tokens=chunk
             )
 
     def forwards(

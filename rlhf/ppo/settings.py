@@ -57,6 +57,8 @@ class PPOSettings:
     critic_warmup_steps: int = 0
     # rollout.n samples of each prompt, grouped (Samples.group_ids)
     samples_per_prompt: int = 1
+    # hardware.logits_chunk_tokens: "auto", tokens per chunk of logits, or None/"0" (the plain (B, A, V) logits)
+    logits_chunk_tokens: str | None = None
 
 
 class KLController(Protocol):

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from rlhf.core.kl import kl_loss
-from rlhf.core.losses import aggregate_loss, entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from rlhf.core.losses import aggregate_loss, policy_loss, value_loss
 from rlhf.core.masked import masked_mean
 from rlhf.core.types import Experience
-from rlhf.models.actions import action_logits
+from rlhf.models.actions import action_logprobs
 from rlhf.models.critic import action_values
 from rlhf.ppo.rollout import autocast
 from rlhf.ppo.settings import PPOSettings
@@ -42,10 +42,11 @@ def policy_objective(
     bonus, plus ``kl_coef`` times the KL to the reference with kl.mode=loss) and the policy's statistics.
     Every term is averaged over tokens as ``ppo.loss_agg`` says; ``policy/entropy`` stays the token mean."""
     num_actions, mask = mb.action_mask.shape[1], mb.action_mask
-    with autocast(device=settings.device, dtype=settings.autocast_dtype):
-        logits = action_logits(actor, mb.sequences, mb.attention_mask, num_actions, settings.temperature)
-    logprobs = logprobs_from_logits(logits, mb.sequences[:, -num_actions:])  # logits: (b, A, V), float32
-    token_entropy = entropy_from_logits(logits)  # (b, A)
+    chunk = {"temperature": settings.temperature, "logits_chunk_tokens": settings.logits_chunk_tokens}
+    with autocast(device=settings.device, dtype=settings.autocast_dtype):  # (b, A) each, float32
+        logprobs, token_entropy = action_logprobs(
+            actor, mb.sequences, mb.attention_mask, num_actions, **chunk, entropy=True
+        )
     entropy = masked_mean(token_entropy, mask)
     agg = {"loss_agg": settings.loss_agg, "max_length": settings.max_new_tokens}  # Dr. GRPO's constant length
     clip = {key: getattr(settings, key) for key in ("clip_eps_low", "clip_eps_high", "dual_clip_c")}
