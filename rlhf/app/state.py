@@ -16,7 +16,7 @@ import torch
 import yaml
 from omegaconf import DictConfig
 
-from rlhf.app.build import make_schedulers
+from rlhf.app.optimizers import make_schedulers
 from rlhf.config.redact import loggable_config
 from rlhf.data.prompts import PromptSampler
 from rlhf.ppo.trainer import PPOTrainer
