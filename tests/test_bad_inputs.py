@@ -164,6 +164,11 @@ CASES = [
         BUILD,
     ),
     (["model.dtype=int8"], "model.dtype='int8' is not allowed: one of float32, bfloat16, float16", BUILD),
+    (
+        ["model.attn_implementation=flash3"],
+        "model.attn_implementation='flash3' is not allowed: one of eager, sdpa, flex_attention, flash_attention_2",
+        BUILD,
+    ),
     (["hardware.device=tpu"], "hardware.device='tpu' is not allowed: one of cpu, cuda", BUILD),
     (
         ["hardware.distributed=zero9"],

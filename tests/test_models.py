@@ -154,3 +154,20 @@ def test_checkpoint_generation_defaults_do_not_leak_into_sampling(actor, tokeniz
     # top_k=1 would give the same response to every copy of the prompt.
     assert len(set(samples.responses)) > 1
     assert loaded.generation_config.top_k == 1 and loaded.generation_config.repetition_penalty == 3.0
+
+
+def test_attn_implementation_reaches_the_actor_and_a_loaded_critic_and_keeps_the_logprobs(actor, tokenizer, tmp_path):
+    # model.attn_implementation picks transformers' attention kernel; eager and sdpa compute the same
+    # log-probs (to rounding), left padding included.
+    from rlhf.models.loading import load_actor
+
+    actor.save_pretrained(tmp_path)
+    eager = load_actor(str(tmp_path), dtype="float32", attn_implementation="eager").eval()
+    default = load_actor(str(tmp_path), dtype="float32").eval()
+    assert eager.config._attn_implementation == "eager" and default.config._attn_implementation == "sdpa"
+    critic = build_critic(eager, tokenizer, init="path", path=str(tmp_path))
+    assert critic.backbone.config._attn_implementation == "eager"
+    samples = generate(default, tokenizer, ["1+2=", "10+20="], max_new_tokens=4, temperature=1.0, max_prompt_length=32)
+    args = (samples.sequences, samples.attention_mask, samples.action_mask.shape[1], 1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(action_logits(eager, *args), action_logits(default, *args), rtol=1e-5, atol=1e-5)

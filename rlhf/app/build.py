@@ -236,7 +236,11 @@ def build_models(
     """(actor, frozen reference, critic): a LoRA actor's reference is the actor with its adapters off; no
     critic (None) for a critic-free estimator."""
     actor = load_actor(
-        model_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code, vocab_size=len(tokenizer)
+        model_path,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        vocab_size=len(tokenizer),
+        attn_implementation=cfg.model.attn_implementation,
     ).to(device)
     actor.config.pad_token_id = actor.generation_config.pad_token_id = tokenizer.pad_token_id
     lora = cfg.model.lora

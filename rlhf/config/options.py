@@ -28,6 +28,9 @@ def _options(name: str, *names: str) -> type[Options]:
 # model.dtype, reward.dtype, hardware.autocast_dtype: torch dtypes by name.
 DType = _options("DType", "float32", "bfloat16", "float16")
 
+# model.attn_implementation (when set): transformers' attention kernels.
+AttnImplementation = _options("AttnImplementation", "eager", "sdpa", "flex_attention", "flash_attention_2")
+
 # model.critic_init: where the critic's trunk comes from.
 CriticInit = _options("CriticInit", "actor", "reward_model", "path")
 

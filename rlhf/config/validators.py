@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from rlhf.config.checks import check, non_negative, number, one_of, positive, positive_or_none, unit_interval
 from rlhf.config.options import (
     ZERO_STAGES,
+    AttnImplementation,
     CriticInit,
     DataTask,
     Device,
@@ -70,6 +71,8 @@ def validate_tiny(cfg: Any) -> None:
 def validate_model(cfg: Any) -> None:
     model = cfg.model
     one_of("model.dtype", model.dtype, DType)
+    if model.attn_implementation is not None:
+        one_of("model.attn_implementation", model.attn_implementation, AttnImplementation)
     one_of("model.critic_init", model.critic_init, CriticInit)
     check(
         not (model.shared_critic and model.critic_init != CriticInit.actor),

@@ -72,7 +72,13 @@ def build_critic(
     elif init in ("reward_model", "path"):
         key = "reward.path" if init == "reward_model" else "model.critic_path"
         with loading(key, path):
-            backbone = AutoModel.from_pretrained(path, dtype=actor.dtype, trust_remote_code=trust_remote_code)
+            backbone = AutoModel.from_pretrained(
+                path,
+                dtype=actor.dtype,
+                trust_remote_code=trust_remote_code,
+                # the actor's attention kernel (model.attn_implementation)
+                attn_implementation=actor.config._attn_implementation,
+            )
         if backbone.get_input_embeddings().num_embeddings < len(tokenizer):
             backbone.resize_token_embeddings(len(tokenizer))
         disable_dropout(backbone)

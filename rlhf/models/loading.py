@@ -113,12 +113,20 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def load_actor(
-    path: str, *, dtype: str, trust_remote_code: bool = False, vocab_size: int | None = None
+    path: str,
+    *,
+    dtype: str,
+    trust_remote_code: bool = False,
+    vocab_size: int | None = None,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     """A causal LM from a hub id or local folder (safetensors preferred), dropout off, its input
-    embeddings grown to ``vocab_size`` when the tokenizer gained a token (a new pad)."""
+    embeddings grown to ``vocab_size`` when the tokenizer gained a token (a new pad); its attention kernel
+    ``attn_implementation`` (None: transformers' default)."""
     with loading("model.path", path):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
+        )
     disable_dropout(model)
     if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(vocab_size)
