@@ -10,7 +10,7 @@ in float32 and in bf16.
 
 Workloads (workloads.py): "tiny" and "small" (320-token BPE vocabulary), "qwen-vocab" (Qwen2.5's 151,936-token
 vocabulary on a hidden-256, 4-layer trunk). Systems (systems.py): rlhf, rlhf-bf16, trl (float32),
-trl-bf16-autocast, trl-bf16-weights.
+trl-bf16-autocast, trl-bf16-weights, trl-bf16-eager.
 
 Every system loads the same policy, reward model and tokenizer from one folder built here (nothing is
 downloaded) and trains on the same chat-templated prompts. Each repetition runs each system in a fresh
@@ -19,8 +19,8 @@ one warm-up iteration and then ``--iterations`` timed ones. Printed: one JSON li
 spread of seconds per iteration, phase breakdown, generated tokens/s, peak RSS, GFLOP/s of the whole
 iteration and of the update against the float32 and the bf16 matmul peaks, and ``precision``: the dtypes
 the warm-up iteration's Linear layers really computed in, with and without grad, and whether autocast was
-on), then one line of ratios per system against TRL float32 and, for rlhf, against TRL bf16 (the faster of
-the two TRL bf16 variants that ran).
+on), then one line of ratios per system against TRL float32 and, for rlhf, against TRL bf16 (the fastest
+TRL bf16 variant that ran).
 
 FLOPs are the workload's model FLOPs, the same count for every system: 2 per weight per token for a forward
 (generation, reference, value and reward forwards), 6 for a forward + backward (each PPO epoch, actor and
@@ -113,8 +113,8 @@ def run_workers(systems: list[str], root: Path, workload: Workload, args: argpar
 
 def ratio_lines(workload_name: str, summaries: dict[str, dict]) -> list[dict]:
     """For each system but TRL float32: its speed-up and peak-RSS ratio over TRL float32 and, for the rlhf
-    systems, over TRL bf16 (the faster of the two TRL bf16 variants that ran)."""
-    trl_bf16 = [s for s in ("trl-bf16-autocast", "trl-bf16-weights") if s in summaries]
+    systems, over TRL bf16 (the fastest TRL bf16 variant that ran)."""
+    trl_bf16 = [s for s in summaries if s.startswith("trl-bf16")]
     best_bf16 = min(trl_bf16, key=lambda s: summaries[s]["s_per_iter_median"]) if trl_bf16 else None
     baselines = {"trl_fp32": "trl" if "trl" in summaries else None, "trl_bf16": best_bf16}
     lines = []

@@ -2,14 +2,16 @@
 PPOTrainer.train on the same model folders, returning seconds per iteration by phase.
 
     rlhf               float32 (the default)
-    rlhf-bf16          + model.dtype=bfloat16 reward.dtype=bfloat16 (bf16 weights; the update's master
-                       weights as rlhf's optimizer settings say)
+    rlhf-bf16          + model.dtype=bfloat16 reward.dtype=bfloat16 model.attn_implementation=eager (bf16
+                       weights, float32 master weights as rlhf's optimizer settings say, eager attention:
+                       sdpa's CPU flash kernel is slow on these short bf16 sequences)
     trl                TRL 1.12.0 as configured today: float32 (PPOConfig's bf16=True changes nothing in its
                        PPOTrainer, whose Accelerator gets no mixed precision)
     trl-bf16-autocast  ACCELERATE_MIXED_PRECISION=bf16: accelerate's autocast around the prepared policy +
                        value model's forward (the update); generation and the reference/reward forwards
                        are not wrapped and stay float32
     trl-bf16-weights   every model loaded with dtype=torch.bfloat16 (pure bf16, AdamW on bf16 weights)
+    trl-bf16-eager     trl-bf16-weights with attn_implementation="eager" too, as rlhf-bf16
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from pathlib import Path
 from workloads import Workload
 
 REPO = Path(__file__).resolve().parents[1]
-RLHF_BF16 = ["model.dtype=bfloat16", "reward.dtype=bfloat16"]
-SYSTEMS = ("rlhf", "rlhf-bf16", "trl", "trl-bf16-autocast", "trl-bf16-weights")
+RLHF_BF16 = ["model.dtype=bfloat16", "reward.dtype=bfloat16", "model.attn_implementation=eager"]
+SYSTEMS = ("rlhf", "rlhf-bf16", "trl", "trl-bf16-autocast", "trl-bf16-weights", "trl-bf16-eager")
 
 
 class PrecisionProbe:
@@ -153,7 +155,8 @@ def run_trl(root: Path, workload: Workload, iterations: int, system: str, probe:
 
     if system == "trl-bf16-autocast":  # read by PPOConfig and by the Accelerator PPOTrainer builds
         os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
-    dtype = torch.bfloat16 if system == "trl-bf16-weights" else torch.float32
+    dtype = torch.bfloat16 if system in ("trl-bf16-weights", "trl-bf16-eager") else torch.float32
+    kernel = {"attn_implementation": "eager"} if system == "trl-bf16-eager" else {}
     rows: list = []
     phases = {"generation": 0.0, "experience": 0.0, "generated_tokens": 0}
     trl_phase_timers(phases)
@@ -173,10 +176,10 @@ def run_trl(root: Path, workload: Workload, iterations: int, system: str, probe:
     )  # fmt: skip
     trainer = PPOTrainer(
         args=args, processing_class=tokenizer,
-        model=AutoModelForCausalLM.from_pretrained(root / "policy", dtype=dtype),
-        ref_model=AutoModelForCausalLM.from_pretrained(root / "policy", dtype=dtype),
-        reward_model=AutoModelForSequenceClassification.from_pretrained(root / "reward", dtype=dtype),
-        value_model=AutoModelForSequenceClassification.from_pretrained(root / "reward", dtype=dtype),
+        model=AutoModelForCausalLM.from_pretrained(root / "policy", dtype=dtype, **kernel),
+        ref_model=AutoModelForCausalLM.from_pretrained(root / "policy", dtype=dtype, **kernel),
+        reward_model=AutoModelForSequenceClassification.from_pretrained(root / "reward", dtype=dtype, **kernel),
+        value_model=AutoModelForSequenceClassification.from_pretrained(root / "reward", dtype=dtype, **kernel),
         train_dataset=Dataset.from_dict({"input_ids": input_ids}), callbacks=[trl_clock(rows, phases, probe)],
     )  # fmt: skip
     trainer.train()

@@ -13,7 +13,7 @@ import pytest
 from tests.helpers import REPO
 
 SCRIPT = "benchmarks/ppo_vs_trl.py"
-SYSTEMS = ("rlhf", "rlhf-bf16", "trl", "trl-bf16-autocast", "trl-bf16-weights")
+SYSTEMS = ("rlhf", "rlhf-bf16", "trl", "trl-bf16-autocast", "trl-bf16-weights", "trl-bf16-eager")
 
 
 def test_ppo_vs_trl_lists_its_systems_and_workloads_and_rejects_unknown_ones():
@@ -70,4 +70,4 @@ def test_ppo_vs_trl_benchmark_runs_every_system_in_its_precision():
     assert by_system["rlhf-bf16"]["precision"]["linear/no_grad"]["weight"] == "bfloat16"
     ratios = {line["ratios_for"]: line for line in lines if "ratios_for" in line}
     assert ratios["rlhf"]["speedup_over_trl_fp32"] > 0 and ratios["rlhf-bf16"]["speedup_over_trl_bf16"] > 0
-    assert ratios["rlhf"]["trl_bf16"] in ("trl-bf16-autocast", "trl-bf16-weights")
+    assert ratios["rlhf"]["trl_bf16"] in ("trl-bf16-autocast", "trl-bf16-weights", "trl-bf16-eager")
