@@ -317,6 +317,8 @@ def test_two_ranks_average_a_seq_mean_loss_over_the_whole_mini_batch(tiny_cache,
     rank0, single = (torch.load(d / "rank0.pt", weights_only=False) for d in (two, one))
     for model in ("actor", "critic"):
         for name, weight in rank0[model].items():
-            torch.testing.assert_close(weight, single[model][name], rtol=1e-4, atol=1e-6, msg=f"{model}.{name}")
+            # the key biases' gradient is 0 but for rounding, which Adam scales up (tests/test_distributed.py)
+            atol = 5e-5 if name.endswith("k_proj.bias") else 1e-6
+            torch.testing.assert_close(weight, single[model][name], rtol=1e-4, atol=atol, msg=f"{model}.{name}")
     for key in ("loss/policy", "loss/value", "loss/total", "policy/clipfrac", "policy/entropy", "val/clipfrac"):
         assert rank0["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-4, abs=1e-6), key

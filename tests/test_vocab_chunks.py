@@ -88,6 +88,32 @@ def test_float32_inputs_give_float32_outputs_close_to_a_float64_reference():
         torch.testing.assert_close(g.double(), w, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow  # torch.compile of two small kernels, per dtype: ~10 s
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernels_equal_the_eager_chunks_and_the_float64_reference(dtype):
+    # fused=True runs the element-wise work over each chunk as torch.compile'd kernels (large vocabularies)
+    for lp_weight, ent_weight in [(1.0, None), (None, 1.0), (0.5, -2.0)]:
+        h, weight, b, targets = make_inputs(11, vocab=300, bias=True, dtype=dtype)
+        outputs = {}
+        for fused in (False, True):
+            lp, ent = chunked_logprobs_entropy(
+                h, weight, targets, temperature=0.8, chunk_tokens=4, bias=b, fused=fused
+            )
+            loss = loss_of(lp.double(), ent.double(), lp_weight=lp_weight, ent_weight=ent_weight)
+            outputs[fused] = [lp, ent, *grads(loss, [h, weight, b])]
+        for eager, fused in zip(outputs[False], outputs[True], strict=True):
+            assert eager.dtype == fused.dtype
+            torch.testing.assert_close(
+                fused.double(), eager.double(), rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-2
+            )
+        if dtype == torch.float32:
+            h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, weight, b))
+            ref = plain(h64, w64, b64, targets, 0.8)
+            want = [*ref, *grads(loss_of(*ref, lp_weight=lp_weight, ent_weight=ent_weight), [h64, w64, b64])]
+            for got, expected in zip(outputs[True], want, strict=True):
+                torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-4)
+
+
 def test_autocast_does_not_lower_the_softmax_precision():
     # under bf16 autocast a float32 head would otherwise run its products in bf16 (~1e-2 off)
     h, weight, _, targets = make_inputs(6, dtype=torch.float32)

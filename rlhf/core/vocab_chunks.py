@@ -18,6 +18,9 @@ and the raw logits' gradient is dz / T; grad_h = g W, grad_W = g^T h, grad_b = s
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 
 
@@ -29,13 +32,24 @@ def _product_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.float32, torch.promote_types(h.dtype, weight.dtype))
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    """(C, V) temperature-scaled logits in float32 (float64 for float64 inputs); ``weight`` already in the
-    product's dtype (``_product_dtype``)."""
-    logits = h.to(weight.dtype) @ weight.T
+def _scaled_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float):
+    """((C, V) logits z = (h W^T + b) / T in the product's dtype, the (C, H) h / T it multiplied). The 1 / T
+    goes on the C x H rows, not on the C x V logits; ``weight`` is already in the product's dtype."""
+    scaled = h.to(weight.dtype)
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    z = scaled @ weight.T
     if bias is not None:
-        logits = logits + bias
-    return logits.to(torch.promote_types(torch.float32, logits.dtype)).div_(temperature)  # a fresh tensor
+        z += (bias / temperature).to(z.dtype)
+    return z, scaled
+
+
+def _shifted(z: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """z - shift[:, None] in float32 at least (float64 for float64 z): in place for a float32 z, one pass that
+    reads the bf16 logits and writes float32 for a bf16 z."""
+    if z.dtype == shift.dtype:
+        return z.sub_(shift[:, None])
+    return torch.sub(z, shift[:, None])  # type promotion: a float32 result
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -45,29 +59,41 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class ChunkedLogprobEntropy(torch.autograd.Function):
     """(logprob (N,), entropy (N,)) of ``targets`` under softmax((h W^T + b) / T), C rows of h at a time;
-    see the module docstring for the formulas. Use ``chunked_logprobs_entropy``."""
+    see the module docstring for the formulas. Use ``chunked_logprobs_entropy``.
+
+    Per chunk the forward makes few passes over the (C, V) logits: their max m, d = z - m (float32), e = exp(d)
+    and its row sums S; then lse = m + log S, logprob = d[target] - log S and entropy = log S - sum(e d) / S."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, temperature, chunk_tokens):
+    def forward(ctx, h, weight, bias, targets, temperature, chunk_tokens, fused):
         with torch.autocast(h.device.type, enabled=False):  # the softmax statistics in float32 at least
             logprobs, entropy, lse = [], [], []
             w = weight.to(_product_dtype(h, weight))  # no copy unless h's and W's dtypes differ
+            stats = torch.promote_types(torch.float32, w.dtype)
             for start in range(0, h.shape[0], chunk_tokens):
                 rows = slice(start, start + chunk_tokens)
-                z = _logits(h[rows], w, bias, temperature)  # (C, V)
-                z_lse = torch.logsumexp(z, dim=-1)  # (C,)
-                p = (z - z_lse[:, None]).exp_()
-                logprobs.append(z.gather(1, targets[rows, None]).squeeze(1) - z_lse)
-                entropy.append(z_lse - _row_dot(p, z))
-                lse.append(z_lse)
+                z, _ = _scaled_logits(h[rows], w, bias, temperature)  # (C, V)
+                if fused:
+                    for out, value in zip((lse, logprobs, entropy), _fused("stats")(z, targets[rows]), strict=True):
+                        out.append(value)
+                    continue
+                top = z.amax(dim=-1).to(stats)  # (C,)
+                d = _shifted(z, top)  # (C, V), float32: z - max
+                e = torch.exp(d)
+                log_total = e.sum(dim=-1).log()  # (C,)
+                logprobs.append(d.gather(1, targets[rows, None]).squeeze(1) - log_total)
+                entropy.append(log_total - _row_dot(e, d) / log_total.exp())
+                lse.append(top + log_total)
         ctx.save_for_backward(h, weight, bias, targets, torch.cat(lse))
-        ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
+        ctx.temperature, ctx.chunk_tokens, ctx.fused = temperature, chunk_tokens, fused
         ctx.set_materialize_grads(False)  # an unused output's gradient comes as None: its terms are skipped
         return torch.cat(logprobs), torch.cat(entropy)
 
     @staticmethod
     def backward(ctx, grad_logprob, grad_entropy):
         h, weight, bias, targets, lse = ctx.saved_tensors
+        if grad_logprob is None and grad_entropy is None:
+            return None, None, None, None, None, None, None
         with torch.autocast(h.device.type, enabled=False):
             grad_h, grad_weight, grad_bias = _chunked_backward(
                 h,
@@ -79,6 +105,7 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
                 grad_entropy=grad_entropy,
                 temperature=ctx.temperature,
                 chunk_tokens=ctx.chunk_tokens,
+                fused=ctx.fused,
             )
         return (
             grad_h if ctx.needs_input_grad[0] else None,
@@ -87,10 +114,29 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
-def _chunked_backward(h, *, weight, bias, targets, lse, grad_logprob, grad_entropy, temperature, chunk_tokens):
+def _logits_gradient(d, *, targets, grad_logprob, grad_entropy):
+    """(C, V) gradient wrt the scaled logits z, built in ``d`` = log p = z - lse's storage (or a new tensor):
+    gz = -p * (g_lp + g_ent * (z - s)) + g_lp * onehot(target), with z - s = d - sum(p d)."""
+    if grad_entropy is None:
+        gz = d.exp_().mul_(-grad_logprob[:, None].to(d.dtype))  # p * -g_lp
+    else:
+        p = torch.exp(d)
+        coef = d.sub_(_row_dot(p, d)[:, None]).mul_(-grad_entropy[:, None].to(d.dtype))
+        if grad_logprob is not None:
+            coef.sub_(grad_logprob[:, None].to(d.dtype))
+        gz = coef.mul_(p)
+    if grad_logprob is not None:
+        gz.scatter_add_(1, targets[:, None], grad_logprob[:, None].to(d.dtype))
+    return gz
+
+
+def _chunked_backward(
+    h, *, weight, bias, targets, lse, grad_logprob, grad_entropy, temperature, chunk_tokens, fused=False
+):
     """(grad_h, grad_weight, grad_bias) in the inputs' dtypes; the weight's and bias' sums over chunks are
     accumulated in float32 (float64 for float64 inputs). A None output gradient contributes nothing."""
     acc_dtype = torch.promote_types(torch.float32, weight.dtype)
@@ -100,33 +146,84 @@ def _chunked_backward(h, *, weight, bias, targets, lse, grad_logprob, grad_entro
     grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device)
     for start in range(0, h.shape[0], chunk_tokens):
         rows = slice(start, start + chunk_tokens)
-        h_c = h[rows]
-        z = _logits(h_c, w, bias, temperature)  # (C, V), recomputed
-        p = (z - lse[rows, None]).exp_()
-        # gz = g_lp * (onehot - p) + g_ent * (-p * (z - s)) = -p * (g_lp + g_ent * (z - s)) + g_lp * onehot,
-        # built in place in z's storage
-        if grad_entropy is None:
-            coef = z.zero_()
+        z, scaled = _scaled_logits(h[rows], w, bias, temperature)  # (C, V), recomputed; scaled = h / T
+        if fused:
+            zeros = torch.zeros_like(lse[rows])
+            g_lp, g_ent = (zeros if g is None else g[rows].to(lse.dtype) for g in (grad_logprob, grad_entropy))
+            gz = _fused("grad")(z, lse[rows], targets[rows], g_lp, g_ent, with_entropy=grad_entropy is not None)
         else:
-            s = _row_dot(p, z)[:, None]
-            coef = z.sub_(s).mul_(grad_entropy[rows, None].to(z.dtype))
-        if grad_logprob is not None:
-            g_lp = grad_logprob[rows, None].to(z.dtype)
-            coef.add_(g_lp)
-        gz = coef.mul_(p).neg_()
-        if grad_logprob is not None:
-            gz.scatter_add_(1, targets[rows, None], g_lp)
-        gz.div_(temperature)  # d z / d logits = 1 / T
+            gz = _logits_gradient(
+                _shifted(z, lse[rows]),
+                targets=targets[rows],
+                grad_logprob=None if grad_logprob is None else grad_logprob[rows],
+                grad_entropy=None if grad_entropy is None else grad_entropy[rows],
+            )
         if grad_bias is not None:
-            grad_bias += gz.sum(dim=0).to(acc_dtype)
+            grad_bias += gz.sum(dim=0, dtype=acc_dtype) / temperature  # d z / d b = 1 / T
         gz = gz.to(w.dtype)
-        grad_h[rows] = (gz @ w).to(h.dtype)
-        if w.dtype == acc_dtype:  # no (V, H) temporary per chunk
-            grad_weight.addmm_(gz.T, h_c.to(w.dtype))
+        grad_h[rows] = ((gz @ w) / temperature).to(h.dtype)  # d z / d h = W / T
+        if w.dtype == acc_dtype:  # no (V, H) temporary per chunk; d z / d W = h / T
+            grad_weight.addmm_(gz.T, scaled)
         else:
-            grad_weight += (gz.T @ h_c.to(w.dtype)).to(acc_dtype)
+            grad_weight += (gz.T @ scaled).to(acc_dtype)
     grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
     return grad_h, grad_weight.to(weight.dtype), grad_bias
+
+
+def _softmax_statistics(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse, logprob, entropy), (C,) float32 each, of the (C, V) logits ``z``: the forward's statistics as one
+    expression, which inductor fuses into two passes over z (its max, then the sums) with no (C, V) temporary."""
+    top = z.amax(dim=-1, keepdim=True).float()
+    d = z.float() - top
+    e = d.exp()
+    total = e.sum(dim=-1)
+    log_total = total.log()
+    logprob = d.gather(1, targets[:, None]).squeeze(1) - log_total
+    return top.squeeze(1) + log_total, logprob, log_total - (e * d).sum(dim=-1) / total
+
+
+def _softmax_gradient(
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    targets: torch.Tensor,
+    grad_logprob: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    *,
+    with_entropy: bool,
+) -> torch.Tensor:
+    """(C, V) gradient wrt the logits ``z`` in z's dtype (``_logits_gradient``'s formula) as one expression:
+    fused, one pass over z (two with the entropy's sum(p d))."""
+    d = z.float() - lse[:, None]
+    p = d.exp()
+    coef = grad_logprob[:, None]
+    if with_entropy:
+        coef = coef + grad_entropy[:, None] * (d - (p * d).sum(dim=-1, keepdim=True))
+    target = torch.arange(z.shape[1], device=z.device)[None, :] == targets[:, None]
+    return (torch.where(target, grad_logprob[:, None], 0.0) - p * coef).to(z.dtype)
+
+
+_FUSED = {"stats": _softmax_statistics, "grad": _softmax_gradient}
+
+
+@functools.cache
+def _fused(name: str):
+    """``_FUSED[name]`` compiled by torch.compile (inductor; dynamic shapes, so chunks of any length share one
+    compiled kernel). Compiled on first use: a few seconds, cached on disk by inductor for later runs. Where it
+    cannot compile (no C++ compiler, say) the same expression runs eagerly, with one warning."""
+    eager, compiled = _FUSED[name], torch.compile(_FUSED[name], dynamic=True)
+    state = {"kernel": compiled}
+
+    def run(*args, **kwargs):
+        try:
+            return state["kernel"](*args, **kwargs)
+        except Exception as error:  # inductor's failures have no common type; the eager result is the same
+            if state["kernel"] is eager:
+                raise
+            warnings.warn(f"torch.compile of the chunked log-probs failed, so they run eagerly: {error}", stacklevel=2)
+            state["kernel"] = eager
+            return eager(*args, **kwargs)
+
+    return run
 
 
 def chunked_logprobs_entropy(
@@ -137,11 +234,14 @@ def chunked_logprobs_entropy(
     temperature: float = 1.0,
     chunk_tokens: int,
     bias: torch.Tensor | None = None,
+    fused: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logprob (N,), entropy (N,)) of the (N,) ``targets`` under softmax((h W^T + b) / T), for (N, H) hidden
     states ``h``, the LM head's (V, H) ``weight`` and optional (V,) ``bias``; float32 (float64 for float64
     inputs). Equal to ``logprobs_from_logits`` and ``entropy_from_logits`` of the (N, V) logits, with their
-    gradients wrt h, W and b, without ever holding more than ``chunk_tokens`` rows of logits."""
+    gradients wrt h, W and b, without ever holding more than ``chunk_tokens`` rows of logits. ``fused``: the
+    element-wise work over each chunk's logits runs as torch.compile'd kernels (float32/bf16/fp16 inputs), a
+    few passes over the logits instead of a dozen: worth its compile time over large vocabularies only."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    return ChunkedLogprobEntropy.apply(h, weight, bias, targets, temperature, chunk_tokens)
+    return ChunkedLogprobEntropy.apply(h, weight, bias, targets, temperature, chunk_tokens, fused)

@@ -51,8 +51,10 @@ def policy_objective(
     agg = {"loss_agg": settings.loss_agg, "max_length": settings.max_new_tokens}  # Dr. GRPO's constant length
     clip = {key: getattr(settings, key) for key in ("clip_eps_low", "clip_eps_high", "dual_clip_c")}
     pg_loss, stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, settings.clip_eps, **clip, **agg)
-    entropy_bonus = aggregate_loss(token_entropy, mask, settings.loss_agg, max_length=settings.max_new_tokens)
-    loss = pg_loss - settings.entropy_coef * entropy_bonus
+    loss = pg_loss
+    if settings.entropy_coef != 0:  # else the entropy is a statistic only: no backward through it
+        entropy_bonus = aggregate_loss(token_entropy, mask, settings.loss_agg, max_length=settings.max_new_tokens)
+        loss = loss - settings.entropy_coef * entropy_bonus
     metrics = {"loss/policy": pg_loss}
     if settings.experience.kl_mode == "loss":  # GRPO style: the KL to the reference is a loss term
         metrics["policy/kl_loss"] = kl_loss(logprobs, mb.ref_logprobs, mask, settings.experience.kl_estimator, **agg)
