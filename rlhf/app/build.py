@@ -157,7 +157,9 @@ def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
 def ppo_trainer(cfg: DictConfig, rollout: Rollout, shuffle_generator: torch.Generator) -> PPOTrainer:
     """The trainer of ``rollout``'s actor and critic: optimizers, LR schedulers, KL controller and
     reward normalizer as configured."""
-    actor_optimizer, critic_optimizer = build_optimizers(cfg, rollout.actor, rollout.critic, rollout.dist)
+    actor_optimizer, critic_optimizer = build_optimizers(
+        cfg, rollout.actor, rollout.critic, rollout.dist, shared_critic=cfg.model.shared_critic
+    )
     return PPOTrainer(
         rollout=rollout,
         reward_normalizer=RewardNormalizer(

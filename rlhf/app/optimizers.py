@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def build_optimizers(
-    cfg: DictConfig, actor: torch.nn.Module, critic: Critic | None, dist: Distributed
+    cfg: DictConfig, actor: torch.nn.Module, critic: Critic | None, dist: Distributed, *, shared_critic: bool
 ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
     """(actor's, critic's) optimizers, on float32 masters if ``uses_master_weights``; with a shared critic
     trunk one for the actor and the value head, and None; without a critic the actor's and None."""
@@ -26,13 +26,14 @@ def build_optimizers(
     def trainable(*modules: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for module in modules for p in module.parameters() if p.requires_grad]
 
-    masters = uses_master_weights(cfg, dist)
+    low_precision = any(p.dtype != torch.float32 for p in trainable(actor))  # model.dtype bfloat16 or float16
+    masters = uses_master_weights(cfg, dist, low_precision=low_precision)
 
     def optimizer(name: str, *modules: torch.nn.Module) -> torch.optim.Optimizer:
         factory = hydra.utils.instantiate(cfg.optimizer[name])
         return (with_master_weights(factory) if masters else factory)(trainable(*modules))
 
-    if cfg.model.shared_critic:
+    if shared_critic:
         return optimizer("actor", actor, critic.value_head), None
     actor_optimizer = optimizer("actor", actor)
     if critic is None:
@@ -40,11 +41,11 @@ def build_optimizers(
     return actor_optimizer, optimizer("critic", critic)
 
 
-def uses_master_weights(cfg: DictConfig, dist: Distributed) -> bool:
+def uses_master_weights(cfg: DictConfig, dist: Distributed, *, low_precision: bool) -> bool:
     """Whether the optimizers step float32 masters of bfloat16/float16 weights (``optimizer.master_weights``):
     not with float32 weights, nor with DeepSpeed (its engines keep their own masters), nor with FSDP (left as
     it was: its optimizer state dicts are keyed by the sharded parameters; AdamW steps the low-precision shards)."""
-    wanted = cfg.optimizer.master_weights and cfg.model.dtype != "float32" and not dist.saves_engines
+    wanted = cfg.optimizer.master_weights and low_precision and not dist.saves_engines
     if wanted and dist.sharded:
         log.warning("optimizer.master_weights: not supported with hardware.distributed=fsdp (AdamW steps the shards)")
     return wanted and not dist.sharded
