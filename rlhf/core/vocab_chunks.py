@@ -44,46 +44,24 @@ def _scaled_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return z, scaled
 
 
-def _shifted(z: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """z - shift[:, None] in float32 at least (float64 for float64 z): in place for a float32 z, one pass that
-    reads the bf16 logits and writes float32 for a bf16 z."""
-    if z.dtype == shift.dtype:
-        return z.sub_(shift[:, None])
-    return torch.sub(z, shift[:, None])  # type promotion: a float32 result
-
-
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(C,) dot products of the rows of two (C, V) tensors, as a batched matmul: no (C, V) product in memory."""
-    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
-
-
 class ChunkedLogprobEntropy(torch.autograd.Function):
     """(logprob (N,), entropy (N,)) of ``targets`` under softmax((h W^T + b) / T), C rows of h at a time;
     see the module docstring for the formulas. Use ``chunked_logprobs_entropy``.
 
-    Per chunk the forward makes few passes over the (C, V) logits: their max m, d = z - m (float32), e = exp(d)
-    and its row sums S; then lse = m + log S, logprob = d[target] - log S and entropy = log S - sum(e d) / S."""
+    Per chunk: the (C, V) logits z (the LM head's product), then ``_softmax_statistics`` (forward) or
+    ``_softmax_gradient`` (backward), compiled into a few fused passes over z with ``fused``."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, temperature, chunk_tokens, fused):
         with torch.autocast(h.device.type, enabled=False):  # the softmax statistics in float32 at least
             logprobs, entropy, lse = [], [], []
             w = weight.to(_product_dtype(h, weight))  # no copy unless h's and W's dtypes differ
-            stats = torch.promote_types(torch.float32, w.dtype)
+            statistics = _fused("stats") if fused else _softmax_statistics
             for start in range(0, h.shape[0], chunk_tokens):
                 rows = slice(start, start + chunk_tokens)
                 z, _ = _scaled_logits(h[rows], w, bias, temperature)  # (C, V)
-                if fused:
-                    for out, value in zip((lse, logprobs, entropy), _fused("stats")(z, targets[rows]), strict=True):
-                        out.append(value)
-                    continue
-                top = z.amax(dim=-1).to(stats)  # (C,)
-                d = _shifted(z, top)  # (C, V), float32: z - max
-                e = torch.exp(d)
-                log_total = e.sum(dim=-1).log()  # (C,)
-                logprobs.append(d.gather(1, targets[rows, None]).squeeze(1) - log_total)
-                entropy.append(log_total - _row_dot(e, d) / log_total.exp())
-                lse.append(top + log_total)
+                for out, value in zip((lse, logprobs, entropy), statistics(z, targets[rows]), strict=True):
+                    out.append(value)
         ctx.save_for_backward(h, weight, bias, targets, torch.cat(lse))
         ctx.temperature, ctx.chunk_tokens, ctx.fused = temperature, chunk_tokens, fused
         ctx.set_materialize_grads(False)  # an unused output's gradient comes as None: its terms are skipped
@@ -118,22 +96,6 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
         )
 
 
-def _logits_gradient(d, *, targets, grad_logprob, grad_entropy):
-    """(C, V) gradient wrt the scaled logits z, built in ``d`` = log p = z - lse's storage (or a new tensor):
-    gz = -p * (g_lp + g_ent * (z - s)) + g_lp * onehot(target), with z - s = d - sum(p d)."""
-    if grad_entropy is None:
-        gz = d.exp_().mul_(-grad_logprob[:, None].to(d.dtype))  # p * -g_lp
-    else:
-        p = torch.exp(d)
-        coef = d.sub_(_row_dot(p, d)[:, None]).mul_(-grad_entropy[:, None].to(d.dtype))
-        if grad_logprob is not None:
-            coef.sub_(grad_logprob[:, None].to(d.dtype))
-        gz = coef.mul_(p)
-    if grad_logprob is not None:
-        gz.scatter_add_(1, targets[:, None], grad_logprob[:, None].to(d.dtype))
-    return gz
-
-
 def _chunked_backward(
     h, *, weight, bias, targets, lse, grad_logprob, grad_entropy, temperature, chunk_tokens, fused=False
 ):
@@ -144,20 +106,13 @@ def _chunked_backward(
     grad_h = torch.empty_like(h)
     grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
     grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device)
+    gradient = _fused("grad") if fused else _softmax_gradient
     for start in range(0, h.shape[0], chunk_tokens):
         rows = slice(start, start + chunk_tokens)
         z, scaled = _scaled_logits(h[rows], w, bias, temperature)  # (C, V), recomputed; scaled = h / T
-        if fused:
-            zeros = torch.zeros_like(lse[rows])
-            g_lp, g_ent = (zeros if g is None else g[rows].to(lse.dtype) for g in (grad_logprob, grad_entropy))
-            gz = _fused("grad")(z, lse[rows], targets[rows], g_lp, g_ent, with_entropy=grad_entropy is not None)
-        else:
-            gz = _logits_gradient(
-                _shifted(z, lse[rows]),
-                targets=targets[rows],
-                grad_logprob=None if grad_logprob is None else grad_logprob[rows],
-                grad_entropy=None if grad_entropy is None else grad_entropy[rows],
-            )
+        zeros = torch.zeros_like(lse[rows])  # an unused output's gradient
+        g_lp, g_ent = (zeros if g is None else g[rows].to(lse.dtype) for g in (grad_logprob, grad_entropy))
+        gz = gradient(z, lse[rows], targets[rows], g_lp, g_ent, with_entropy=grad_entropy is not None)
         if grad_bias is not None:
             grad_bias += gz.sum(dim=0, dtype=acc_dtype) / temperature  # d z / d b = 1 / T
         gz = gz.to(w.dtype)
@@ -171,10 +126,12 @@ def _chunked_backward(
 
 
 def _softmax_statistics(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lse, logprob, entropy), (C,) float32 each, of the (C, V) logits ``z``: the forward's statistics as one
-    expression, which inductor fuses into two passes over z (its max, then the sums) with no (C, V) temporary."""
-    top = z.amax(dim=-1, keepdim=True).float()
-    d = z.float() - top
+    """(lse, logprob, entropy), (C,) each in float32 (float64 for float64 z), of the (C, V) logits ``z``, with
+    d = z - max, e = exp(d), S = sum e: lse = max + log S, logprob = d[target] - log S, entropy = log S - sum(e d) / S.
+    One expression, which inductor fuses into two passes over z (its max, then the sums)."""
+    stats = torch.promote_types(torch.float32, z.dtype)
+    top = z.amax(dim=-1, keepdim=True).to(stats)
+    d = z.to(stats) - top
     e = d.exp()
     total = e.sum(dim=-1)
     log_total = total.log()
@@ -191,9 +148,10 @@ def _softmax_gradient(
     *,
     with_entropy: bool,
 ) -> torch.Tensor:
-    """(C, V) gradient wrt the logits ``z`` in z's dtype (``_logits_gradient``'s formula) as one expression:
-    fused, one pass over z (two with the entropy's sum(p d))."""
-    d = z.float() - lse[:, None]
+    """(C, V) gradient wrt the logits ``z``, in z's dtype: with d = z - lse = log p and s = sum(p z),
+    -p * (g_lp + g_ent * (z - s)) + g_lp * onehot(target), where z - s = d - sum(p d). One expression: fused,
+    one pass over z (two ``with_entropy``, for sum(p d))."""
+    d = z.to(lse.dtype) - lse[:, None]
     p = d.exp()
     coef = grad_logprob[:, None]
     if with_entropy:
