@@ -130,7 +130,8 @@ def test_eos_stays_an_action_when_pad_equals_eos(actor, tokenizer, tmp_path):
     same = load_tokenizer(str(tmp_path))
     assert same.pad_token_id == same.eos_token_id
     torch.manual_seed(1)
-    samples = generate(actor, same, ["1+2=", "3+4="] * 8, max_new_tokens=6, temperature=1.0, max_prompt_length=32)
+    # EOS has probability ~0.01 per step under this untrained actor: 64 x 12 steps make a few end.
+    samples = generate(actor, same, ["1+2=", "3+4="] * 32, max_new_tokens=12, temperature=1.0, max_prompt_length=32)
     responses = samples.sequences[:, -samples.num_actions :]
     ended = ~samples.truncated
     assert ended.any()
@@ -171,3 +172,36 @@ def test_attn_implementation_reaches_the_actor_and_a_loaded_critic_and_keeps_the
     args = (samples.sequences, samples.attention_mask, samples.action_mask.shape[1], 1.0)
     with torch.no_grad():
         torch.testing.assert_close(action_logits(eager, *args), action_logits(default, *args), rtol=1e-5, atol=1e-5)
+
+
+def test_inverse_cdf_sampler_draws_each_token_with_its_softmax_probability():
+    # Tokens of probability 0 (-inf scores, first and last) are never drawn; the others come at the rate of
+    # softmax(scores / T): each frequency within 5 standard errors over 40,000 independent rows.
+    from rlhf.models.generation import InverseCdfSampler
+
+    scores = torch.tensor([float("-inf"), 0.0, 1.0, -2.0, float("-inf"), 0.5, -30.0, float("-inf")])
+    n, temperature = 40_000, 0.7
+    torch.manual_seed(0)
+    out = InverseCdfSampler(temperature)(None, scores.expand(n, -1).clone())
+    assert ((out == 0).sum(dim=1) == 1).all() and (torch.isinf(out).sum(dim=1) == scores.numel() - 1).all()
+    counts = torch.bincount(out.argmax(dim=1), minlength=scores.numel()).double()
+    p = torch.softmax(scores.double() / temperature, dim=-1)
+    standard_error = (p * (1 - p) / n).sqrt()
+    assert counts[torch.isinf(scores)].sum() == 0
+    assert ((counts / n - p).abs() <= 5 * standard_error + 1e-12).all(), (counts / n, p)
+
+
+def test_generate_samples_the_first_token_from_the_actors_softmax(actor, tokenizer):
+    # End to end through generate(): the first response token of 4,000 copies of one prompt, against the
+    # actor's own softmax at temperature 0.2 (each token's frequency within 5 standard errors).
+    n, temperature = 4_000, 0.2
+    torch.manual_seed(3)
+    samples = generate(actor, tokenizer, ["1+2="] * n, max_new_tokens=1, temperature=temperature, max_prompt_length=32)
+    first = samples.sequences[:, -1]
+    with torch.no_grad():
+        logits = actor(input_ids=samples.sequences[:1, :-1]).logits[0, -1]  # (V,): the prompt is unpadded
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    freq = torch.bincount(first, minlength=p.numel()).double() / n
+    standard_error = (p * (1 - p) / n).sqrt()
+    assert len(first.unique()) > 10  # it samples: greedy would give one token
+    assert ((freq - p).abs() <= 5 * standard_error + 2 / n).all(), ((freq - p).abs().max(), p.max())

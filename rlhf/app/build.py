@@ -5,8 +5,6 @@ model is loaded. ``build_trainer(cfg)`` is what ``rlhf.app.run.train`` and the t
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import random
 
@@ -39,6 +37,7 @@ from rlhf.rewards.normalize import RewardNormalizer
 from rlhf.rewards.scorers import build_reward
 from rlhf.runtime import distributed
 from rlhf.runtime.distributed import Distributed, LaunchSettings
+from rlhf.runtime.malloc import keep_freed_memory, limit_malloc_arenas
 from rlhf.runtime.threads import ModelThreads
 
 log = logging.getLogger(__name__)
@@ -90,19 +89,6 @@ def resolve_critic_init(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> 
         path,
     )
     return "actor"
-
-
-def limit_malloc_arenas(count: int) -> bool:
-    """At most ``count`` glibc malloc arenas. glibc gives each new thread its own heap, which keeps
-    freed memory: the two model threads of ``hardware.parallel_models`` added ~25 MB of peak RSS on
-    the benchmark's tiny workload; one arena (the main heap, shared) saves another ~4 MB over two, at
-    the same speed. Returns whether it applied (not on other C libraries)."""
-    libc_name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(libc_name) if libc_name else None
-    if libc is None or not hasattr(libc, "mallopt"):
-        return False
-    m_arena_max = -8  # from glibc's malloc.h
-    return bool(libc.mallopt(m_arena_max, count))
 
 
 def build_trainer(cfg: DictConfig) -> tuple[PPOTrainer, list[str], list[str]]:
@@ -184,6 +170,8 @@ def launch(cfg: DictConfig) -> Distributed:
         torch.set_num_threads(hardware.num_threads)
     if hardware.parallel_models:
         limit_malloc_arenas(1)
+    if hardware.keep_freed_memory:
+        keep_freed_memory()
     return distributed.launch(hardware.distributed, launch_settings(cfg))
 
 

@@ -173,6 +173,9 @@ class HardwareConfig:
     # CPU: actor and critic forward, backward and step at once on two threads (and the experience
     # forwards in two halves), each with half of num_threads. Needs a critic with its own trunk.
     parallel_models: bool = False
+    # Keep freed memory in the process for reuse (glibc: large blocks from the heap, no trimming) instead of
+    # giving it back to the OS and faulting it in again each step: 1.7x faster on a Qwen2.5-size vocabulary.
+    keep_freed_memory: bool = True
     # "none" (one process), or data-parallel processes launched by torchrun or accelerate launch
     # (rollout.batch_size and ppo.minibatch_size are per process): "ddp" (actor and critic replicated),
     # "fsdp" (actor and critic sharded over the processes with torch FSDP2) or "deepspeed" (actor and
