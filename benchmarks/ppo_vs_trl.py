@@ -4,13 +4,14 @@ in float32 and in bf16.
     pip install -e ".[bench]"
     python benchmarks/ppo_vs_trl.py                          # workload "tiny", 5 A/B repetitions, 1 thread
     python benchmarks/ppo_vs_trl.py --threads 2              # every system on 2 threads (rlhf: parallel_models)
-    python benchmarks/ppo_vs_trl.py --systems all            # the five systems below, side by side
+    python benchmarks/ppo_vs_trl.py --systems all            # the seven systems below, side by side
     python benchmarks/ppo_vs_trl.py --workload qwen-vocab --systems all --repeats 3 --iterations 2
     python benchmarks/ppo_vs_trl.py --workload small --threads 2 --scaling --repeats 1 --iterations 1
 
 Workloads (workloads.py): "tiny" and "small" (320-token BPE vocabulary), "qwen-vocab" (Qwen2.5's 151,936-token
 vocabulary on a hidden-256, 4-layer trunk). Systems (systems.py): rlhf, rlhf-bf16, trl (float32),
-trl-bf16-autocast, trl-bf16-weights, trl-bf16-eager.
+trl-bf16-autocast, trl-bf16-weights, trl-bf16-eager, trl-bf16-eager-heap (not TRL as shipped: the same process
+setting as rlhf's hardware.keep_freed_memory, reported beside TRL bf16).
 
 Every system loads the same policy, reward model and tokenizer from one folder built here (nothing is
 downloaded) and trains on the same chat-templated prompts. Each repetition runs each system in a fresh
@@ -114,14 +115,15 @@ def run_workers(systems: list[str], root: Path, workload: Workload, args: argpar
 def ratio_lines(workload_name: str, summaries: dict[str, dict]) -> list[dict]:
     """For each system but TRL float32: its speed-up and peak-RSS ratio over TRL float32 and, for the rlhf
     systems, over TRL bf16 (the fastest TRL bf16 variant that ran)."""
-    trl_bf16 = [s for s in summaries if s.startswith("trl-bf16")]
+    trl_bf16 = [s for s in summaries if s.startswith("trl-bf16") and not s.endswith("-heap")]  # TRL as shipped
     best_bf16 = min(trl_bf16, key=lambda s: summaries[s]["s_per_iter_median"]) if trl_bf16 else None
-    baselines = {"trl_fp32": "trl" if "trl" in summaries else None, "trl_bf16": best_bf16}
+    heap = "trl-bf16-eager-heap" if "trl-bf16-eager-heap" in summaries else None
+    baselines = {"trl_fp32": "trl" if "trl" in summaries else None, "trl_bf16": best_bf16, "trl_bf16_heap": heap}
     lines = []
     for system, summary in summaries.items():
         line: dict = {"workload": workload_name, "ratios_for": system}
         for label, base in baselines.items():
-            if base is None or base == system or (label == "trl_bf16" and system.startswith("trl")):
+            if base is None or base == system or (label != "trl_fp32" and system.startswith("trl")):
                 continue
             other = summaries[base]
             line[label] = base

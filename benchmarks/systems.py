@@ -12,6 +12,8 @@ PPOTrainer.train on the same model folders, returning seconds per iteration by p
                        are not wrapped and stay float32
     trl-bf16-weights   every model loaded with dtype=torch.bfloat16 (pure bf16, AdamW on bf16 weights)
     trl-bf16-eager     trl-bf16-weights with attn_implementation="eager" too, as rlhf-bf16
+    trl-bf16-eager-heap  trl-bf16-eager in a process with rlhf's glibc malloc settings (hardware.keep_freed_memory):
+                       not TRL as shipped, but what the same process setting gives it
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from workloads import Workload
 
 REPO = Path(__file__).resolve().parents[1]
 RLHF_BF16 = ["model.dtype=bfloat16", "reward.dtype=bfloat16", "model.attn_implementation=eager"]
-SYSTEMS = ("rlhf", "rlhf-bf16", "trl", "trl-bf16-autocast", "trl-bf16-weights", "trl-bf16-eager")
+SYSTEMS = (
+    *("rlhf", "rlhf-bf16", "trl", "trl-bf16-autocast", "trl-bf16-weights", "trl-bf16-eager"),
+    "trl-bf16-eager-heap",
+)
 
 
 class PrecisionProbe:
@@ -155,8 +160,12 @@ def run_trl(root: Path, workload: Workload, iterations: int, system: str, probe:
 
     if system == "trl-bf16-autocast":  # read by PPOConfig and by the Accelerator PPOTrainer builds
         os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
-    dtype = torch.bfloat16 if system in ("trl-bf16-weights", "trl-bf16-eager") else torch.float32
-    kernel = {"attn_implementation": "eager"} if system == "trl-bf16-eager" else {}
+    dtype = torch.bfloat16 if system.startswith(("trl-bf16-weights", "trl-bf16-eager")) else torch.float32
+    kernel = {"attn_implementation": "eager"} if system.startswith("trl-bf16-eager") else {}
+    if system == "trl-bf16-eager-heap":
+        from rlhf.runtime.malloc import keep_freed_memory
+
+        assert keep_freed_memory()
     rows: list = []
     phases = {"generation": 0.0, "experience": 0.0, "generated_tokens": 0}
     trl_phase_timers(phases)

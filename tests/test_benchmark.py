@@ -14,6 +14,7 @@ from tests.helpers import REPO
 
 SCRIPT = "benchmarks/ppo_vs_trl.py"
 SYSTEMS = ("rlhf", "rlhf-bf16", "trl", "trl-bf16-autocast", "trl-bf16-weights", "trl-bf16-eager")
+SYSTEMS += ("trl-bf16-eager-heap",)
 
 
 def test_ppo_vs_trl_lists_its_systems_and_workloads_and_rejects_unknown_ones():
@@ -71,3 +72,5 @@ def test_ppo_vs_trl_benchmark_runs_every_system_in_its_precision():
     ratios = {line["ratios_for"]: line for line in lines if "ratios_for" in line}
     assert ratios["rlhf"]["speedup_over_trl_fp32"] > 0 and ratios["rlhf-bf16"]["speedup_over_trl_bf16"] > 0
     assert ratios["rlhf"]["trl_bf16"] in ("trl-bf16-autocast", "trl-bf16-weights", "trl-bf16-eager")
+    # TRL bf16 is TRL as shipped; the variant with rlhf's malloc settings is a separate baseline.
+    assert ratios["rlhf-bf16"]["trl_bf16_heap"] == "trl-bf16-eager-heap" and "trl_bf16" not in ratios["trl-bf16-eager"]

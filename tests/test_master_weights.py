@@ -55,6 +55,8 @@ def test_masters_follow_float32_adamw_given_the_same_gradients():
         assert max((a - b).abs().max().item() for a, b in zip(reference.parameters(), masters, strict=True)) < 1e-6
         # the model's weights are the masters rounded to bfloat16
         assert all(torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(model.parameters(), masters, strict=True))
+        # the float32 gradients exist only during the step: none sits through the next backward
+        assert all(m.grad is None for m in masters)
     assert optimizer.param_groups[0]["lr"] == expected.param_groups[0]["lr"] < 1e-3
 
 

@@ -66,13 +66,16 @@ class MasterWeights(torch.optim.Optimizer):
             if param.grad is None:
                 master.grad = None  # the inner optimizer skips it, as torch's skips a parameter without one
                 continue
-            if master.grad is None:  # kept between steps: a fresh float32 buffer each step costs 10x the copy
-                master.grad = torch.empty_like(master)
+            # Only for the step: kept between steps, the float32 gradients would sit through every backward (the
+            # peak). Reallocating is cheap when freed memory stays in the process (hardware.keep_freed_memory).
+            master.grad = torch.empty_like(master)
             with_grad.append((param.grad, master.grad))
         if with_grad:
             torch._foreach_copy_([master for _, master in with_grad], [grad for grad, _ in with_grad])
         self._settings_to_inner()
         self.inner.step()
+        for master in (m for masters in self.masters for m in masters):
+            master.grad = None
         pairs = list(self._pairs())
         if pairs:
             # rounds to nearest even
