@@ -205,3 +205,12 @@ def test_generate_samples_the_first_token_from_the_actors_softmax(actor, tokeniz
     standard_error = (p * (1 - p) / n).sqrt()
     assert len(first.unique()) > 10  # it samples: greedy would give one token
     assert ((freq - p).abs() <= 5 * standard_error + 2 / n).all(), ((freq - p).abs().max(), p.max())
+
+
+def test_inverse_cdf_sampler_refuses_non_finite_logits_naming_the_response():
+    from rlhf.models.generation import InverseCdfSampler
+
+    scores = torch.zeros(3, 5)
+    scores[1, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"not finite .* responses \[1\]"):
+        InverseCdfSampler(1.0)(None, scores)

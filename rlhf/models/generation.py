@@ -98,6 +98,9 @@ class InverseCdfSampler(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # scores: (B, V)
         probs = torch.softmax(scores / self.temperature, dim=-1)
         cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # (B, V), non-decreasing
+        if not torch.isfinite(cdf[:, -1]).all():  # as torch.multinomial refuses them, rather than draw garbage
+            bad = (~torch.isfinite(cdf[:, -1])).nonzero().flatten().tolist()
+            raise FloatingPointError(f"the actor's next-token logits are not finite (NaN or inf) in responses {bad}")
         u = torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device) * cdf[:, -1:]
         # right=True: the first token whose CDF exceeds u, so a token of probability 0 is never drawn.
         chosen = torch.searchsorted(cdf, u, right=True)  # (B, 1)
