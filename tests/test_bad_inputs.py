@@ -170,6 +170,8 @@ CASES = [
         BUILD,
     ),
     (["hardware.device=tpu"], "hardware.device='tpu' is not allowed: one of cpu, cuda", BUILD),
+    # a wrong type: Hydra's own composition error, naming the override (exit 1, no run dir)
+    (["hardware.keep_freed_memory=maybe"], "Error merging override hardware.keep_freed_memory=maybe", CLI),
     (
         ["hardware.distributed=zero9"],
         "hardware.distributed='zero9' is not allowed: one of none, ddp, fsdp, deepspeed",
